@@ -1,0 +1,53 @@
+"""unified-backup: one resume contract for Keras and PyTorch Lightning.
+
+This package is the framework-free core; ``keras_impl`` and ``lightning_impl`` adapt it.
+"""
+
+from unified_backup.coordinator import Coordinator, SingleProcess
+from unified_backup.errors import (
+    BackupDirInUseError,
+    BackupError,
+    BackupWriteError,
+    CorruptBackupError,
+    IncompatibleBackupError,
+    InvalidArgumentError,
+    InvalidBackupError,
+    MissingFrameworkError,
+    NoBackupError,
+    UnsafeBackupError,
+    UnsupportedEnvironmentError,
+    UnsupportedFeatureError,
+    UnsupportedFormatError,
+)
+from unified_backup.lifecycle import BackupStats, Lifecycle, TrainingState
+from unified_backup.manifest import Counters, Manifest
+from unified_backup.options import BackupOptions
+from unified_backup.slot import Slot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackupDirInUseError",
+    "BackupError",
+    "BackupOptions",
+    "BackupStats",
+    "BackupWriteError",
+    "Coordinator",
+    "CorruptBackupError",
+    "Counters",
+    "IncompatibleBackupError",
+    "InvalidArgumentError",
+    "InvalidBackupError",
+    "Lifecycle",
+    "Manifest",
+    "MissingFrameworkError",
+    "NoBackupError",
+    "SingleProcess",
+    "Slot",
+    "TrainingState",
+    "UnsafeBackupError",
+    "UnsupportedEnvironmentError",
+    "UnsupportedFeatureError",
+    "UnsupportedFormatError",
+    "__version__",
+]

@@ -1,0 +1,211 @@
+"""The lifecycle that both adapters drive: restore at start, back up, delete on success.
+
+Adapters map framework hooks to three calls and supply a :class:`TrainingState`::
+
+    start(state)             fit begins      lock, clean leftovers, verify, check fingerprint, load
+    backup(state, counters)  a backup point  stage, save, commit (atomic), drop the old backup
+    finish(success)          fit ends        delete on success (if asked), release the lock
+
+Distributed call order (orbax-style: barrier, all write, barrier, primary commits, barrier):
+    start:  (primary) lock + read + verify -> broadcast outcome -> (all) load -> barrier
+    backup: (primary) stage -> broadcast path -> (all) save -> barrier -> (primary) commit -> barrier
+    finish: barrier -> (primary) delete, unlock
+
+NOTE: every process calls every method; only the primary touches ``backup_dir``'s commit record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from unified_backup import errors, fingerprint
+from unified_backup.coordinator import Coordinator, SingleProcess
+from unified_backup.errors import BackupError, BackupWriteError, IncompatibleBackupError
+from unified_backup.lock import DirectoryLock
+from unified_backup.manifest import Counters, Manifest
+from unified_backup.options import BackupOptions
+from unified_backup.slot import Slot
+
+log = logging.getLogger(__name__)
+
+
+class TrainingState(Protocol):
+    """What an adapter knows about its framework: how to describe, save and load the training."""
+
+    framework: str
+    framework_version: str
+
+    def fingerprint(self) -> Mapping[str, str]:
+        """``{variable name: "dtype[shape]"}`` for model and optimizer (see :mod:`fingerprint`)."""
+
+    def save(self, directory: Path) -> None:
+        """Write the whole training state into the empty ``directory``."""
+
+    def load(self, directory: Path, manifest: Manifest) -> None:
+        """Restore the training state from a verified backup."""
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+
+
+@dataclasses.dataclass
+class BackupStats:
+    """What backing up cost during one ``fit``."""
+
+    backups: int = 0
+    seconds: float = 0.0
+    last_bytes: int = 0
+
+
+class Lifecycle:
+    """One ``fit``'s use of one backup slot. Reusable: ``finish`` returns it to idle."""
+
+    def __init__(
+        self,
+        options: BackupOptions,
+        coordinator: Coordinator | None = None,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.slot = Slot(options.backup_dir)
+        self.coordinator: Coordinator = coordinator or SingleProcess()
+        self.phase = Phase.IDLE
+        self.restored: Manifest | None = None
+        self.stats = BackupStats()
+        self._lock = DirectoryLock(options.backup_dir)
+        self._on_phase = on_phase or (lambda name: None)
+
+    def start(self, state: TrainingState) -> Manifest | None:
+        """Restore the committed backup, if any, into ``state``; return its manifest.
+
+        Raises the specific :class:`InvalidBackupError` before anything is loaded, and
+        :class:`BackupDirInUseError` if another training owns the folder.
+        """
+        if self.phase is Phase.RUNNING:
+            self.finish(success=False)
+        coordinator = self.coordinator
+        self.stats = BackupStats()
+        outcome: dict = {}
+        if coordinator.is_primary:
+            try:
+                outcome = {"manifest": self._open(state)}
+            except BackupError as exc:
+                self._lock.release()
+                outcome = {"error": type(exc).__name__, "message": str(exc)}
+        outcome = coordinator.broadcast(outcome)
+        if "error" in outcome:
+            raise getattr(errors, outcome["error"], BackupError)(outcome["message"])
+        manifest = Manifest.from_json(outcome["manifest"]) if outcome["manifest"] else None
+        if manifest is not None:
+            self._on_phase("restore")
+            try:
+                state.load(self.slot.payload_dir(manifest), manifest)
+            except BaseException:
+                self._lock.release()
+                raise
+            log.info(
+                "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
+                self.options.backup_dir, manifest.epoch, manifest.step_in_epoch, manifest.global_step,
+            )
+        coordinator.barrier("unified_backup.start")
+        self.restored = manifest
+        self.phase = Phase.RUNNING
+        return manifest
+
+    def _open(self, state: TrainingState) -> str | None:
+        """(primary) Lock, clean up, and validate the committed backup; return its manifest JSON."""
+        self._lock.acquire()
+        manifest = self.slot.read_manifest()
+        self.slot.remove_leftovers(manifest)
+        if manifest is None:
+            return None
+        if manifest.framework != state.framework:
+            raise IncompatibleBackupError(
+                f"The backup in {self.options.backup_dir} was written by {manifest.framework} "
+                f"{manifest.framework_version}; this training runs {state.framework}. Nothing was loaded. "
+                "Use a separate backup_dir for each framework, or delete this backup to start fresh."
+            )
+        self.slot.verify(manifest)
+        fingerprint.check(manifest.fingerprint, state.fingerprint(), str(self.options.backup_dir))
+        return manifest.to_json()
+
+    def backup(self, state: TrainingState, counters: Counters) -> Manifest | None:
+        """Commit a new backup of ``state`` that replaces the old one in one atomic step."""
+        self._require_running("backup")
+        began = time.perf_counter()
+        coordinator = self.coordinator
+        staged_path = coordinator.broadcast(str(self.slot.stage()) if coordinator.is_primary else "")
+        staged = Path(staged_path)
+        target = staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
+        target.mkdir(parents=True, exist_ok=True)
+        self._on_phase("save")
+        try:
+            state.save(target)
+        except OSError as exc:
+            self.slot.discard(target)
+            raise BackupWriteError(
+                exc.errno, f"Saving the training state into {target} failed ({exc}); the previous backup "
+                f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions."
+            ) from exc
+        coordinator.barrier("unified_backup.saved")
+        manifest = None
+        if coordinator.is_primary:
+            self._on_phase("commit")
+            manifest = self.slot.commit(
+                staged,
+                {
+                    "framework": state.framework,
+                    "framework_version": state.framework_version,
+                    "epoch": counters.epoch,
+                    "step_in_epoch": counters.step_in_epoch,
+                    "global_step": counters.global_step,
+                    "fingerprint": dict(state.fingerprint()),
+                },
+            )
+            self.stats.last_bytes = manifest.total_bytes
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+        coordinator.barrier("unified_backup.committed")
+        self._on_phase("committed")
+        self.stats.backups += 1
+        self.stats.seconds += time.perf_counter() - began
+        return manifest
+
+    def finish(self, success: bool) -> None:
+        """End the ``fit``: on success delete the backup (if asked); always release the folder."""
+        if self.phase is not Phase.RUNNING:
+            return
+        self.phase = Phase.IDLE
+        self.restored = None
+        delete = success and self.options.delete_checkpoint
+        try:
+            if delete:
+                self.coordinator.barrier("unified_backup.finish")
+                if self.coordinator.is_primary:
+                    self.slot.delete()
+        finally:
+            self._lock.release()
+        if delete and self.coordinator.is_primary:
+            self.slot.prune()
+        log.info(
+            "Training %s; %s backup in %s (%d backup(s), %.2f s spent backing up).",
+            "finished" if success else "stopped",
+            "deleted the" if delete else "kept the",
+            self.options.backup_dir, self.stats.backups, self.stats.seconds,
+        )
+
+    def _require_running(self, what: str) -> None:
+        if self.phase is not Phase.RUNNING:
+            raise errors.BackupError(
+                f"{what}() was called while the lifecycle is {self.phase.value}; expected start() first. "
+                "This is a bug in the adapter: please report it."
+            )

@@ -1,0 +1,124 @@
+"""An owner lock on ``backup_dir``: one live training per folder.
+
+The lock is an ``flock`` on ``.unified-backup.lock``, so the kernel drops it when its process
+dies. The file records the owner; finding the file but taking the lock means its writer died
+without cleaning up, and the lock is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+from unified_backup.errors import BackupDirInUseError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".unified-backup.lock"
+log = logging.getLogger(__name__)
+
+# Locks held by this process: folder -> (lock, ident of the thread whose fit took it).
+_HELD: dict[str, tuple[DirectoryLock, int]] = {}
+
+
+class DirectoryLock:
+    """Exclusive, non-blocking ownership of one folder by one process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`BackupDirInUseError` naming the live owner."""
+        if self._fd is not None:
+            return
+        self._take_over_from_this_process()
+        if fcntl is None:  # pragma: no cover
+            raise BackupDirInUseError("unified-backup's lock needs fcntl (POSIX); this platform has none.")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise BackupDirInUseError(
+                    f"{self.path.parent} is in use by another live training ({owner}). Expected a "
+                    "backup_dir that no running job uses. Give each training its own backup_dir, "
+                    "or stop the other job first."
+                ) from None
+            # The holder may have unlinked the file between our open and our flock: retry on the new one.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_owner(fd)
+        if previous != "unknown owner":
+            log.warning(
+                "Taking over the lock on %s left by a process that is gone (%s).", self.path.parent, previous
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+        _HELD[self._key] = (self, threading.get_ident())
+
+    @property
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+    def _take_over_from_this_process(self) -> None:
+        """Free a lock that an earlier ``fit`` of this thread (or of a finished thread) left held.
+
+        A ``fit`` that raised never reaches its end hook in Keras, so its lock stays taken; the
+        next ``fit`` on the same thread cannot be concurrent with it, so it takes the lock over.
+        """
+        held = _HELD.get(self._key)
+        if held is None:
+            return
+        holder, thread_id = held
+        alive = {t.ident for t in threading.enumerate()}
+        if thread_id == threading.get_ident() or thread_id not in alive:
+            log.warning(
+                "Taking over the lock on %s left by an earlier fit in this process that did not finish.",
+                self.path.parent,
+            )
+            holder.release()
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (in that order, so no one locks a dead file)."""
+        if self._fd is None:
+            return
+        _HELD.pop(self._key, None)
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {record['pid']} on {record['host']}, since {record['since']}"
+    except (ValueError, TypeError, KeyError, OSError):
+        return "unknown owner"

@@ -1,0 +1,75 @@
+"""The arguments shared by both ``BackupAndRestore`` callbacks, validated once, the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from unified_backup.errors import InvalidArgumentError, UnsupportedFeatureError
+
+EPOCH = "epoch"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupOptions:
+    """What ``BackupAndRestore(backup_dir, save_freq, delete_checkpoint, save_before_preemption)`` means.
+
+    Attributes:
+        backup_dir: local folder that holds the single backup slot.
+        save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
+        delete_checkpoint: delete the backup when ``fit`` returns normally.
+        save_before_preemption: back up and stop cleanly on SIGTERM.
+    """
+
+    backup_dir: Path
+    save_freq: str | int = EPOCH
+    delete_checkpoint: bool = True
+    save_before_preemption: bool = False
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int = EPOCH,
+        delete_checkpoint: bool = True,
+        save_before_preemption: bool = False,
+    ) -> None:
+        if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `backup_dir`. Received: backup_dir={backup_dir!r}. "
+                "Expected a non-empty path to a folder, e.g. 'backup/'."
+            )
+        if "://" in str(backup_dir):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}. "
+                "This version writes to local (or locally mounted) folders only; remote URIs are not "
+                "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
+            )
+        if save_freq != EPOCH and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
+                "Expected either 'epoch' or a positive integer number of optimizer steps."
+            )
+        for name, value in (("delete_checkpoint", delete_checkpoint), ("save_before_preemption", save_before_preemption)):
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(
+                    f"Invalid value for argument `{name}`. Received: {name}={value!r}. Expected True or False."
+                )
+        if save_before_preemption:
+            raise UnsupportedFeatureError(
+                "save_before_preemption=True is not implemented in this version, and it is refused rather "
+                "than silently ignored. Expected save_before_preemption=False. Use save_freq to bound the "
+                "work lost to a preemption meanwhile."
+            )
+        object.__setattr__(self, "backup_dir", Path(backup_dir))
+        object.__setattr__(self, "save_freq", save_freq)
+        object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
+        object.__setattr__(self, "save_before_preemption", save_before_preemption)
+
+    @property
+    def per_epoch(self) -> bool:
+        return self.save_freq == EPOCH
+
+    def step_backup_due(self, global_step: int, last_backup_step: int) -> bool:
+        """With ``save_freq=N``: True once N optimizer steps have run since the last backup."""
+        return not self.per_epoch and global_step - last_backup_step >= int(self.save_freq)

@@ -1,0 +1,218 @@
+"""The single backup slot in ``backup_dir``, with an atomic and durable commit.
+
+Layout (every name here is the library's; anything else in the folder is the user's)::
+
+    backup_dir/
+        manifest.json            the commit record: names the payload folder, sizes, checksums
+        payload-<id>/            files of the committed backup, written by an adapter
+        payload-<id>/            a staging area while a new backup is written (named by no manifest)
+        manifest.json.tmp-<id>   a manifest being written
+        .unified-backup.lock     the owner lock (see lock.py)
+
+Commit order (:meth:`Slot.commit`):
+    1. the adapter has written the payload into a fresh ``payload-<id>/`` (:meth:`Slot.stage`);
+    2. every payload file is read once to checksum it, and fsynced; its folders are fsynced;
+    3. the manifest is written to a temporary file and fsynced;
+    4. ``os.replace`` renames it to ``manifest.json``: the one atomic step that commits;
+    5. ``backup_dir`` is fsynced, then the previous payload folder is removed.
+A crash before 4 leaves the old backup committed and a staging area that :meth:`remove_leftovers`
+deletes at the next start; a crash after 4 leaves the new one committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
+from unified_backup.manifest import CHECKSUM_ALGORITHM, MANIFEST_NAME, FileEntry, Manifest
+
+PAYLOAD_PREFIX = "payload-"
+_TMP_MARK = ".tmp-"
+_CHUNK = 8 << 20
+log = logging.getLogger(__name__)
+
+
+class Slot:
+    """One folder that holds at most one committed backup."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.manifest_path = self.directory / MANIFEST_NAME
+
+    def __repr__(self) -> str:
+        return f"Slot({str(self.directory)!r})"
+
+    # -- reading ---------------------------------------------------------------------------
+    def read_manifest(self) -> Manifest | None:
+        """The committed backup's manifest, or None when nothing is committed."""
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError as exc:
+            raise CorruptBackupError(f"{self.manifest_path} is not UTF-8 text ({exc}).") from exc
+        return Manifest.from_json(text, source=str(self.manifest_path))
+
+    def payload_dir(self, manifest: Manifest) -> Path:
+        return self.directory / manifest.payload
+
+    def verify(self, manifest: Manifest) -> None:
+        """Check every payload file against the manifest; raise :class:`CorruptBackupError` if any differs."""
+        if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
+            raise UnsupportedFormatError(
+                f"{self.manifest_path} uses checksum {manifest.checksum_algorithm!r}; this version "
+                f"verifies {CHECKSUM_ALGORITHM!r}. Upgrade unified-backup to restore it."
+            )
+        payload = self.payload_dir(manifest)
+        if not manifest.payload.startswith(PAYLOAD_PREFIX) or os.sep in manifest.payload or not payload.is_dir():
+            raise CorruptBackupError(
+                f"{self.manifest_path} names payload folder {manifest.payload!r}, which does not exist "
+                f"in {self.directory}. The backup is incomplete; delete it to start fresh."
+            )
+        found = _relative_files(payload)
+        for name in sorted(found - manifest.files.keys()):
+            raise CorruptBackupError(
+                f"{payload / name} is not listed in the manifest: expected only the files the backup "
+                "committed. Remove that file, or delete the backup to start fresh."
+            )
+        for name, entry in sorted(manifest.files.items()):
+            path = payload / name
+            if name not in found:
+                raise CorruptBackupError(
+                    f"{path} is missing: the manifest lists it with {entry.bytes} bytes. The backup is "
+                    "incomplete; delete it to start fresh."
+                )
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise CorruptBackupError(
+                    f"{path} has {size} bytes; the manifest expects {entry.bytes} (truncated or "
+                    "overwritten). Nothing was loaded; delete the backup to start fresh."
+                )
+            digest = checksum_file(path, sync=False)
+            if digest != entry.checksum:
+                raise CorruptBackupError(
+                    f"{path} fails its {CHECKSUM_ALGORITHM} check: expected {entry.checksum}, computed "
+                    f"{digest}. The file was altered after the commit; nothing was loaded. Delete the "
+                    "backup to start fresh."
+                )
+
+    # -- writing ---------------------------------------------------------------------------
+    def stage(self) -> Path:
+        """Create and return a fresh, empty payload folder for the next backup."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{PAYLOAD_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
+
+    def commit(self, staged: Path, manifest_fields: dict) -> Manifest:
+        """Make ``staged`` the committed backup, atomically and durably (see the module docstring)."""
+        try:
+            files = {}
+            for name in sorted(_relative_files(staged)):
+                path = staged / name
+                files[name] = FileEntry(path.stat().st_size, checksum_file(path, sync=True))
+            for folder, _, _ in os.walk(staged):
+                fsync_dir(Path(folder))
+            manifest = Manifest(files=files, payload=staged.name, **manifest_fields)
+            previous = self._committed_payload()
+            tmp = self.directory / f"{MANIFEST_NAME}{_TMP_MARK}{secrets.token_hex(4)}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(manifest.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.manifest_path)  # the commit
+            fsync_dir(self.directory)
+        except OSError as exc:
+            self.discard(staged)
+            raise BackupWriteError(
+                exc.errno, f"Writing the backup into {self.directory} failed ({exc}); the previous "
+                "backup is still committed and intact. Free space or fix permissions on backup_dir."
+            ) from exc
+        if previous is not None and previous != staged.name:
+            shutil.rmtree(self.directory / previous, ignore_errors=True)
+        return manifest
+
+    def discard(self, staged: Path) -> None:
+        """Remove a staging area that will not be committed."""
+        shutil.rmtree(staged, ignore_errors=True)
+        for tmp in self.directory.glob(f"{MANIFEST_NAME}{_TMP_MARK}*"):
+            tmp.unlink(missing_ok=True)
+
+    def remove_leftovers(self, manifest: Manifest | None) -> list[Path]:
+        """Delete staging areas and temporary manifests that ``manifest`` (the committed one) does not name.
+
+        Call it only with a manifest that was read successfully (or None when none exists), so
+        that a damaged manifest never gets its payload deleted. Leftovers are never restored.
+        """
+        if not self.directory.is_dir():
+            return []
+        keep = manifest.payload if manifest else None
+        removed = []
+        for entry in self.directory.iterdir():
+            staged = entry.name.startswith(PAYLOAD_PREFIX) and entry.name != keep and entry.is_dir()
+            if staged or entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(entry)
+        if removed:
+            log.warning("Removed %d incomplete backup(s) in %s: %s", len(removed), self.directory,
+                        ", ".join(p.name for p in removed))
+        return removed
+
+    def delete(self) -> None:
+        """Remove the committed backup and every file the library wrote; keep the user's files.
+
+        The manifest goes first, so an interrupted delete leaves no committed backup behind.
+        """
+        if not self.directory.is_dir():
+            return
+        self.manifest_path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        for entry in self.directory.iterdir():
+            if entry.name.startswith(PAYLOAD_PREFIX) and entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
+                entry.unlink()
+
+    def prune(self) -> None:
+        """Remove ``backup_dir`` itself if nothing (no user file, no lock) is left in it."""
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass
+
+    def _committed_payload(self) -> str | None:
+        try:
+            manifest = self.read_manifest()
+        except (CorruptBackupError, UnsupportedFormatError):
+            return None
+        return manifest.payload if manifest else None
+
+
+def checksum_file(path: Path, *, sync: bool) -> str:
+    """The file's sha256, read in one pass; with ``sync``, also flush it to stable storage."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the folder's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _relative_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
