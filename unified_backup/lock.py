@@ -15,7 +15,7 @@ import socket
 import threading
 from pathlib import Path
 
-from unified_backup.errors import BackupDirInUseError
+from unified_backup.errors import BackupDirInUseError, BackupWriteError
 
 try:
     import fcntl
@@ -48,7 +48,14 @@ class DirectoryLock:
         if fcntl is None:  # pragma: no cover
             raise BackupDirInUseError("unified-backup's lock needs fcntl (POSIX); this platform has none.")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise BackupWriteError(
+                    exc.errno, f"Cannot create the lock file {self.path} ({exc}). Expected a backup_dir "
+                    "this process can write to; fix its permissions or choose another folder."
+                ) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
