@@ -114,7 +114,10 @@ class Lifecycle:
                 raise
             log.info(
                 "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
-                self.options.backup_dir, manifest.epoch, manifest.step_in_epoch, manifest.global_step,
+                self.options.backup_dir,
+                manifest.epoch,
+                manifest.step_in_epoch,
+                manifest.global_step,
             )
         coordinator.barrier("unified_backup.start")
         self.restored = manifest
@@ -145,7 +148,9 @@ class Lifecycle:
         coordinator = self.coordinator
         staged_path = coordinator.broadcast(str(self.slot.stage()) if coordinator.is_primary else "")
         staged = Path(staged_path)
-        target = staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
+        target = (
+            staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
+        )
         target.mkdir(parents=True, exist_ok=True)
         self._on_phase("save")
         try:
@@ -153,8 +158,9 @@ class Lifecycle:
         except OSError as exc:
             self.slot.discard(target)
             raise BackupWriteError(
-                exc.errno, f"Saving the training state into {target} failed ({exc}); the previous backup "
-                f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions."
+                exc.errno,
+                f"Saving the training state into {target} failed ({exc}); the previous backup "
+                f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
             ) from exc
         coordinator.barrier("unified_backup.saved")
         manifest = None
@@ -200,7 +206,9 @@ class Lifecycle:
             "Training %s; %s backup in %s (%d backup(s), %.2f s spent backing up).",
             "finished" if success else "stopped",
             "deleted the" if delete else "kept the",
-            self.options.backup_dir, self.stats.backups, self.stats.seconds,
+            self.options.backup_dir,
+            self.stats.backups,
+            self.stats.seconds,
         )
 
     def _require_running(self, what: str) -> None:

@@ -53,8 +53,9 @@ class DirectoryLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise BackupWriteError(
-                    exc.errno, f"Cannot create the lock file {self.path} ({exc}). Expected a backup_dir "
-                    "this process can write to; fix its permissions or choose another folder."
+                    exc.errno,
+                    f"Cannot create the lock file {self.path} ({exc}). Expected a backup_dir "
+                    "this process can write to; fix its permissions or choose another folder.",
                 ) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

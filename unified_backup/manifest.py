@@ -128,7 +128,9 @@ class Manifest:
                 "delete it to start fresh."
             )
         try:
-            files = {name: FileEntry(int(e["bytes"]), str(e["checksum"])) for name, e in body["files"].items()}
+            files = {
+                name: FileEntry(int(e["bytes"]), str(e["checksum"])) for name, e in body["files"].items()
+            }
             return cls(
                 framework=str(body["framework"]),
                 framework_version=str(body["framework_version"]),

@@ -45,15 +45,21 @@ class BackupOptions:
                 "This version writes to local (or locally mounted) folders only; remote URIs are not "
                 "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
             )
-        if save_freq != EPOCH and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0):
+        if save_freq != EPOCH and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0
+        ):
             raise InvalidArgumentError(
                 f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
                 "Expected either 'epoch' or a positive integer number of optimizer steps."
             )
-        for name, value in (("delete_checkpoint", delete_checkpoint), ("save_before_preemption", save_before_preemption)):
+        for name, value in (
+            ("delete_checkpoint", delete_checkpoint),
+            ("save_before_preemption", save_before_preemption),
+        ):
             if not isinstance(value, bool):
                 raise InvalidArgumentError(
-                    f"Invalid value for argument `{name}`. Received: {name}={value!r}. Expected True or False."
+                    f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
+                    "Expected True or False."
                 )
         if save_before_preemption:
             raise UnsupportedFeatureError(

@@ -70,7 +70,11 @@ class Slot:
                 f"verifies {CHECKSUM_ALGORITHM!r}. Upgrade unified-backup to restore it."
             )
         payload = self.payload_dir(manifest)
-        if not manifest.payload.startswith(PAYLOAD_PREFIX) or os.sep in manifest.payload or not payload.is_dir():
+        if (
+            not manifest.payload.startswith(PAYLOAD_PREFIX)
+            or os.sep in manifest.payload
+            or not payload.is_dir()
+        ):
             raise CorruptBackupError(
                 f"{self.manifest_path} names payload folder {manifest.payload!r}, which does not exist "
                 f"in {self.directory}. The backup is incomplete; delete it to start fresh."
@@ -131,8 +135,9 @@ class Slot:
         except OSError as exc:
             self.discard(staged)
             raise BackupWriteError(
-                exc.errno, f"Writing the backup into {self.directory} failed ({exc}); the previous "
-                "backup is still committed and intact. Free space or fix permissions on backup_dir."
+                exc.errno,
+                f"Writing the backup into {self.directory} failed ({exc}); the previous "
+                "backup is still committed and intact. Free space or fix permissions on backup_dir.",
             ) from exc
         if previous is not None and previous != staged.name:
             shutil.rmtree(self.directory / previous, ignore_errors=True)
@@ -160,8 +165,12 @@ class Slot:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
         if removed:
-            log.warning("Removed %d incomplete backup(s) in %s: %s", len(removed), self.directory,
-                        ", ".join(p.name for p in removed))
+            log.warning(
+                "Removed %d incomplete backup(s) in %s: %s",
+                len(removed),
+                self.directory,
+                ", ".join(p.name for p in removed),
+            )
         return removed
 
     def delete(self) -> None:

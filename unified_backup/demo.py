@@ -1,0 +1,233 @@
+"""The demo: train in Keras and Lightning, SIGKILL the training several times, resume, compare.
+
+Each framework's worker (``python -m keras_impl.demo`` / ``python -m lightning_impl.demo``) trains
+a small model with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines. The demo runs it
+once uninterrupted as the reference, then again, killing it with a real SIGKILL at random instants
+and restarting it until it finishes, and compares the final weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+EVENT_PREFIX = "UB-EVENT "
+WORKERS = {
+    "keras": ("keras_impl.demo", ("tensorflow", "keras")),
+    "lightning": ("lightning_impl.demo", ("torch", "lightning")),
+}
+BATCH_SLEEP = 0.02
+STEPS_PER_EPOCH = 16
+PROCESS_TIMEOUT = 300.0
+
+
+@dataclasses.dataclass
+class Attempt:
+    restored_epoch: int | None
+    killed_after: float | None  # seconds after the start event; None when it finished
+    epochs_seen: int
+
+
+@dataclasses.dataclass
+class Outcome:
+    framework: str
+    attempts: list[Attempt]
+    max_abs_diff: float
+    backups: int
+    backup_seconds: float
+    train_seconds: float
+    leftovers: list[str]
+
+
+class Worker:
+    """One training process, with its event lines read as they come."""
+
+    def __init__(self, argv: list[str]) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.events: list[dict] = []
+        self.stderr: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read_events, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_events(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(EVENT_PREFIX):
+                with self._cond:
+                    self.events.append(json.loads(line[len(EVENT_PREFIX) :]))
+                    self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            del self.stderr[:-40]
+
+    def wait_event(self, name: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if event["event"] == name:
+                        return event
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    return None
+                self._cond.wait(0.05)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def failure(self) -> str:
+        return "".join(self.stderr[-15:])
+
+
+def _worker_argv(framework: str, backup_dir: Path, out: Path, epochs: int, batch_sleep: float) -> list[str]:
+    module = WORKERS[framework][0]
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--backup-dir",
+        str(backup_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-sleep",
+        str(batch_sleep),
+    ]
+
+
+def _run_to_end(argv: list[str]) -> tuple[Worker, dict, dict]:
+    worker = Worker(argv)
+    code = worker.finish(PROCESS_TIMEOUT)
+    start, done = worker.wait_event("start", 0), worker.wait_event("done", 0)
+    if code != 0 or start is None or done is None:
+        raise RuntimeError(f"{' '.join(argv[2:4])} failed with exit code {code}:\n{worker.failure()}")
+    return worker, start, done
+
+
+def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng: random.Random) -> Outcome:
+    say = lambda text: print(f"[{framework}] {text}", flush=True)  # noqa: E731
+    ref_out, out = workdir / f"{framework}-reference.json", workdir / f"{framework}-resumed.json"
+    say("reference run, uninterrupted ...")
+    _, start, done = _run_to_end(
+        _worker_argv(framework, workdir / f"{framework}-reference", ref_out, epochs, 0.0)
+    )
+    say(f"  done: {done['backups']} backups took {done['backup_seconds']:.2f} s")
+    backup_dir = workdir / f"{framework}-backup"
+    expected = epochs * STEPS_PER_EPOCH * BATCH_SLEEP
+    attempts = []
+    while True:
+        worker = Worker(_worker_argv(framework, backup_dir, out, epochs, BATCH_SLEEP))
+        start = worker.wait_event("start", PROCESS_TIMEOUT)
+        if start is None:
+            worker.finish(PROCESS_TIMEOUT)
+            raise RuntimeError(f"the {framework} worker did not start:\n{worker.failure()}")
+        began = time.monotonic()
+        restored = start.get("restored_epoch")
+        resumed = "started fresh" if restored is None else f"resumed after epoch {restored}"
+        if len(attempts) < kills:
+            remaining = expected * (1 - (restored or 0) / epochs)
+            delay = rng.uniform(0.1, 0.8) * remaining
+            time.sleep(delay)
+            if worker.proc.poll() is None:
+                worker.kill()
+                seen = sum(1 for e in worker.events if e["event"] == "epoch")
+                attempts.append(Attempt(restored, delay, seen))
+                say(
+                    f"attempt {len(attempts)}: {resumed}; "
+                    f"SIGKILL after {delay:.2f} s ({seen} epoch(s) backed up)"
+                )
+                continue
+        code = worker.finish(PROCESS_TIMEOUT)
+        done = worker.wait_event("done", 0)
+        if code != 0 or done is None:
+            raise RuntimeError(f"the {framework} worker failed with exit code {code}:\n{worker.failure()}")
+        seen = sum(1 for e in worker.events if e["event"] == "epoch")
+        attempts.append(Attempt(restored, None, seen))
+        say(f"attempt {len(attempts)}: {resumed}; ran to the end ({seen} epoch(s))")
+        break
+    reference = json.loads(ref_out.read_text())["weights"]
+    resumed_weights = json.loads(out.read_text())["weights"]
+    diff = max((abs(a - b) for a, b in zip(reference, resumed_weights, strict=True)), default=math.nan)
+    leftovers = sorted(p.name for p in backup_dir.iterdir()) if backup_dir.exists() else []
+    train_seconds = time.monotonic() - began
+    return Outcome(
+        framework, attempts, diff, done["backups"], done["backup_seconds"], train_seconds, leftovers
+    )
+
+
+def print_table(outcome: Outcome) -> None:
+    print(f"\n{outcome.framework}: {sum(a.killed_after is not None for a in outcome.attempts)} SIGKILL(s)")
+    print(f"  {'attempt':>7}  {'resumed from':>14}  {'outcome':<28}")
+    for i, attempt in enumerate(outcome.attempts, 1):
+        origin = "fresh start" if attempt.restored_epoch is None else f"epoch {attempt.restored_epoch}"
+        result = "finished" if attempt.killed_after is None else f"SIGKILL after {attempt.killed_after:.2f} s"
+        print(f"  {i:>7}  {origin:>14}  {result:<28}")
+    equal = "yes" if outcome.max_abs_diff == 0 else ("close" if outcome.max_abs_diff < 1e-5 else "NO")
+    print(
+        f"  final weights equal to the uninterrupted run: {equal} "
+        f"(max abs difference {outcome.max_abs_diff:.3g})"
+    )
+    print(
+        f"  backing up in the last attempt: {outcome.backups} backups, {outcome.backup_seconds:.2f} s "
+        f"of {outcome.train_seconds:.2f} s"
+    )
+    print(f"  backup_dir after success: {'removed' if not outcome.leftovers else outcome.leftovers}")
+
+
+def run(
+    frameworks: list[str],
+    *,
+    kills: int = 3,
+    epochs: int = 12,
+    seed: int | None = None,
+    workdir: str | None = None,
+) -> int:
+    """Run the demo for ``frameworks``; return 0 when every resumed run matched its reference."""
+    rng = random.Random(seed)
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="unified-backup-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    outcomes, failed = [], False
+    for framework in frameworks:
+        missing = [m for m in WORKERS[framework][1] if importlib.util.find_spec(m) is None]
+        if missing:
+            print(
+                f"[{framework}] skipped: {', '.join(missing)} not installed "
+                f"(pip install 'unified-backup[{framework}]')",
+                flush=True,
+            )
+            failed = True
+            continue
+        try:
+            outcomes.append(run_framework(framework, root, kills=kills, epochs=epochs, rng=rng))
+        except RuntimeError as exc:
+            print(f"[{framework}] FAILED: {exc}", flush=True)
+            failed = True
+    for outcome in outcomes:
+        print_table(outcome)
+        failed |= not outcome.max_abs_diff < 1e-5 or bool(outcome.leftovers)
+    print(f"\nworking folder: {root}")
+    return 1 if failed else 0
