@@ -1,0 +1,85 @@
+"""Real processes, real SIGKILLs: the lock and the atomic commit survive a dying writer."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from unified_backup import BackupDirInUseError, Slot
+from unified_backup.lock import DirectoryLock
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time
+    from unified_backup.lock import DirectoryLock
+    DirectoryLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+WRITE_FOREVER = textwrap.dedent(
+    """
+    import sys
+    from unified_backup import Slot
+    slot = Slot(sys.argv[1])
+    manifest = slot.read_manifest()
+    slot.remove_leftovers(manifest)
+    i = manifest.epoch if manifest else 0
+    print("writing", flush=True)
+    while True:
+        i += 1
+        staged = slot.stage()
+        (staged / "weights.bin").write_bytes(bytes([i % 256]) * (4 << 20))
+        (staged / "counter.txt").write_text(str(i))
+        slot.commit(staged, {"framework": "fake", "framework_version": "1", "epoch": i,
+                             "step_in_epoch": 0, "global_step": i, "fingerprint": {}})
+    """
+)
+
+
+def start(script: str, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() in {"locked", "writing"}
+    return proc
+
+
+def test_a_live_owner_blocks_and_a_dead_one_is_taken_over(tmp_path, caplog):
+    owner = start(HOLD_LOCK, str(tmp_path))
+    try:
+        with pytest.raises(BackupDirInUseError, match=rf"in use by another live training \(pid {owner.pid} "):
+            DirectoryLock(tmp_path).acquire()
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+    lock = DirectoryLock(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        lock.acquire()
+    assert lock.held and f"left by a process that is gone (pid {owner.pid}" in caplog.text
+    lock.release()
+
+
+def test_sigkill_during_commits_always_leaves_one_complete_backup(tmp_path):
+    rng = random.Random(1234)
+    seen = []
+    for _ in range(12):
+        writer = start(WRITE_FOREVER, str(tmp_path))
+        time.sleep(rng.uniform(0.05, 0.4))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+        slot = Slot(tmp_path)
+        manifest = slot.read_manifest()
+        assert manifest is not None
+        slot.verify(manifest)
+        payload = slot.payload_dir(manifest)
+        assert int((payload / "counter.txt").read_text()) == manifest.epoch
+        assert (payload / "weights.bin").read_bytes()[:1] == bytes([manifest.epoch % 256])
+        seen.append(manifest.epoch)
+    assert seen == sorted(seen) and seen[-1] > 12, seen

@@ -1,0 +1,32 @@
+import pytest
+
+from unified_backup import BackupError, BackupOptions, InvalidArgumentError, UnsupportedFeatureError
+
+
+@pytest.mark.parametrize("save_freq", [0, -3, "batch", 1.5, True, None])
+def test_bad_save_freq_names_argument_value_and_expectation(tmp_path, save_freq):
+    with pytest.raises(InvalidArgumentError, match=r"save_freq.*Received: save_freq=.*Expected either 'epoch'"):
+        BackupOptions(tmp_path, save_freq=save_freq)
+
+
+@pytest.mark.parametrize("backup_dir", ["", None, 3])
+def test_bad_backup_dir(backup_dir):
+    with pytest.raises(InvalidArgumentError, match="backup_dir"):
+        BackupOptions(backup_dir)
+
+
+def test_remote_uri_is_refused_with_what_to_do():
+    with pytest.raises(InvalidArgumentError, match="Mount the bucket"):
+        BackupOptions("gs://bucket/backup")
+
+
+def test_preemption_is_refused_not_silently_off(tmp_path):
+    with pytest.raises(UnsupportedFeatureError) as info:
+        BackupOptions(tmp_path, save_before_preemption=True)
+    assert isinstance(info.value, BackupError) and isinstance(info.value, NotImplementedError)
+
+
+def test_step_schedule(tmp_path):
+    options = BackupOptions(tmp_path, save_freq=3)
+    assert [options.step_backup_due(step, 0) for step in range(1, 5)] == [False, False, True, True]
+    assert not BackupOptions(tmp_path).step_backup_due(100, 0)
