@@ -51,7 +51,9 @@ def test_delete_checkpoint_false_keeps_the_backup(backup_dir):
 def test_fingerprint_mismatch_names_the_variable_and_loads_nothing(committed):
     before = sorted(p.name for p in committed.rglob("*"))
     state = FakeState(b"fresh", shape="float32[8]")
-    with pytest.raises(IncompatibleBackupError, match=r"model/w: backup has float32\[4\], training has float32\[8\]"):
+    with pytest.raises(
+        IncompatibleBackupError, match=r"model/w: backup has float32\[4\], training has float32\[8\]"
+    ):
         Lifecycle(BackupOptions(committed)).start(state)
     assert state.weights == b"fresh" and state.loads == 0
     assert sorted(p.name for p in committed.rglob("*")) == before

@@ -24,8 +24,18 @@ def test_round_trip_keeps_every_field():
     again = Manifest.from_json(manifest.to_json())
     assert again == manifest
     body = json.loads(manifest.to_json())
-    required = {"format", "version", "framework", "framework_version", "epoch", "step_in_epoch",
-                "global_step", "created_at", "fingerprint", "files"}
+    required = {
+        "format",
+        "version",
+        "framework",
+        "framework_version",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "created_at",
+        "fingerprint",
+        "files",
+    }
     assert required <= body.keys()
     assert body["format"] == "unified-backup" and body["version"] == VERSION
     assert body["files"]["ckpt-1.index"] == {"bytes": 10, "checksum": "ab" * 32}

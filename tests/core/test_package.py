@@ -19,8 +19,18 @@ def test_core_imports_no_framework():
 
 def test_all_is_complete():
     public = {name for name in dir(unified_backup) if not name.startswith("_")}
-    modules = {"cli", "coordinator", "demo", "errors", "fingerprint", "lifecycle", "lock", "manifest",
-               "options", "slot"}
+    modules = {
+        "cli",
+        "coordinator",
+        "demo",
+        "errors",
+        "fingerprint",
+        "lifecycle",
+        "lock",
+        "manifest",
+        "options",
+        "slot",
+    }
     assert public - modules - set(unified_backup.__all__) == set()
 
 
