@@ -34,4 +34,3 @@ def test_demo_kills_resumes_and_matches(tmp_path):
         assert f"{framework}: 2 SIGKILL(s)" in result.stdout
     assert result.stdout.count("final weights equal to the uninterrupted run: yes") == 2
     assert result.stdout.count("backup_dir after success: removed") == 2
-    assert "resumed after epoch" in result.stdout or "epoch " in result.stdout
