@@ -1,0 +1,239 @@
+"""``BackupAndRestore`` for Keras 3 on TensorFlow: Keras's callback hooks mapped to the lifecycle.
+
+on_train_begin       lifecycle.start (restore), then tell ``fit`` where to start
+on_epoch_begin       drop what was set on the model; note the epoch's first step
+on_train_batch_end   lifecycle.backup when ``save_freq=N`` optimizer steps have run
+on_epoch_end         lifecycle.backup when ``save_freq="epoch"``
+on_train_end         lifecycle.finish(success=True): delete the backup (if asked), unlock
+
+Keras has no hook for an exception inside ``fit``: the backup stays, and the lock is taken over
+by the next ``fit`` in this thread (or dropped by the kernel when the process dies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_impl.state import KerasTrainingState
+from unified_backup import BackupOptions, BackupStats, Counters, Lifecycle, Manifest
+from unified_backup.errors import CorruptBackupError, UnsupportedEnvironmentError
+
+log = logging.getLogger(__name__)
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Back up the training regularly; resume from the backup when ``fit`` starts again.
+
+    Args:
+        backup_dir: local folder that holds the single backup (other files in it are left alone).
+        save_freq: ``"epoch"``, or a number of optimizer steps between backups.
+        delete_checkpoint: delete the backup when ``fit`` returns normally (early stopping too).
+        save_before_preemption: not supported yet; ``True`` raises ``UnsupportedFeatureError``.
+    """
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+        save_before_preemption: bool = False,
+    ) -> None:
+        super().__init__()
+        options = BackupOptions(backup_dir, save_freq, delete_checkpoint, save_before_preemption)
+        if not tf.executing_eagerly():
+            raise UnsupportedEnvironmentError(
+                "BackupAndRestore needs TensorFlow's eager execution, but it is disabled (found "
+                "tf.compat.v1.disable_eager_execution() or graph mode). Keras 3 trains eagerly: remove "
+                "the call that disables eager execution."
+            )
+        self.backup_dir = options.backup_dir
+        self.save_freq = options.save_freq
+        self.delete_checkpoint = options.delete_checkpoint
+        self.save_before_preemption = options.save_before_preemption
+        self._options = options
+        self._lifecycle = Lifecycle(options)
+        self._state: KerasTrainingState | None = None
+        self._epoch = 0
+        self._epoch_start_step = 0
+        self._resume_start_step: int | None = None  # the resumed epoch's first step, until it begins
+        self._last_backup_step = 0
+
+    @property
+    def restored(self) -> Manifest | None:
+        """The manifest restored by the current ``fit``, or None when it started fresh."""
+        return self._lifecycle.restored
+
+    @property
+    def stats(self) -> BackupStats:
+        """What backing up cost in the current (or last) ``fit``."""
+        return self._lifecycle.stats
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        _require_single_worker(self.model)
+        _FirstSteps.remove(self.model)  # left by a fit that raised before its first steps ended
+        self._state = KerasTrainingState(self.model)
+        self._resume_start_step = None
+        if self.model.built:
+            self._restore()
+            return
+        # Without a strategy, fit builds the model in its first step: restore then (before that
+        # step trains), but tell fit now at which epoch to start, from the manifest.
+        peeked = self._lifecycle.slot.read_manifest()
+        if peeked is None:
+            self._restore()
+        else:
+            self._resume_at(peeked)
+            _FirstSteps(self.model, lambda iterator: self._restore(iterator, expected=peeked))
+
+    def _restore(self, iterator: Any = None, expected: Manifest | None = None) -> int:
+        """Build what is not built yet, then restore the backup; return the batches to skip."""
+        model = self.model
+        if iterator is not None:
+            model._symbolic_build(data_batch=iterator.element_spec)  # what fit does under a strategy
+        if model.built and not model.optimizer.built:  # as the first optimizer step would
+            with model.distribute_strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        assert self._state is not None
+        manifest = self._lifecycle.start(self._state)
+        self._last_backup_step = self._state.global_step
+        if expected is not None and (manifest is None or manifest.counters != expected.counters):
+            raise CorruptBackupError(
+                f"The backup in {self.backup_dir} changed while fit was starting (expected counters "
+                f"{expected.counters}, found {manifest and manifest.counters}). Expected one training per "
+                "backup_dir; run fit again."
+            )
+        if manifest is None:
+            return 0
+        if iterator is None:  # else on_train_begin did it from the same manifest
+            self._resume_at(manifest)
+        if manifest.step_in_epoch:
+            log.warning(
+                "Resuming inside epoch %d: its first %d batch(es) were trained before the backup and are "
+                "skipped now (read from the input, not trained on). The data position is exact only if the "
+                "input yields the same batches each epoch (no reshuffling, not one iterator over epochs).",
+                manifest.epoch, manifest.step_in_epoch,
+            )
+            if iterator is None:
+                _FirstSteps(model, lambda iterator: manifest.step_in_epoch)
+        return manifest.step_in_epoch
+
+    def _resume_at(self, manifest: Manifest) -> None:
+        # fit reads `self._initial_epoch or initial_epoch` right after on_train_begin; _Epoch(0) is true.
+        self.model._initial_epoch = _Epoch(manifest.epoch)
+        self._epoch = manifest.epoch
+        self._resume_start_step = manifest.global_step - manifest.step_in_epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.model._initial_epoch = None
+        if self._resume_start_step is not None and epoch == self._epoch:
+            self._epoch_start_step = self._resume_start_step
+        else:
+            self._epoch_start_step = self._state.global_step if self._state else 0
+        self._resume_start_step = None
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._state is None or self._options.per_epoch:
+            return
+        step = self._state.global_step
+        if self._options.step_backup_due(step, self._last_backup_step):
+            in_epoch = step - self._epoch_start_step
+            steps = self.params.get("steps")
+            done = bool(steps) and in_epoch >= steps  # the epoch's last batch: record it as an epoch end
+            counters = Counters(self._epoch + 1, 0, step) if done else Counters(self._epoch, in_epoch, step)
+            self._backup(counters)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._state is None or not self._options.per_epoch:
+            return
+        step = self._state.global_step
+        in_epoch, steps = step - self._epoch_start_step, self.params.get("steps")
+        if self.model.stop_training and steps and in_epoch < steps:  # stopped mid-epoch
+            self._backup(Counters(epoch, in_epoch, step))
+        else:
+            self._backup(Counters(epoch + 1, 0, step))
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.model._initial_epoch = None
+        _FirstSteps.remove(self.model)
+        self._state = None
+        self._lifecycle.finish(success=True)
+
+    def _backup(self, counters: Counters) -> None:
+        assert self._state is not None
+        self._state.record(counters)
+        self._lifecycle.backup(self._state, counters)
+        self._last_backup_step = counters.global_step
+
+
+class _Epoch(int):
+    """An epoch index that is true even when 0, so that ``fit`` prefers it to its ``initial_epoch``."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _FirstSteps:
+    """Stands in for ``model.train_function`` during the first steps of a resumed ``fit``.
+
+    Its first call runs ``prepare(iterator)`` (a restore that had to wait for the model to be
+    built), which returns how many batches the backup had already trained in this epoch. ``fit``
+    calls ``model.train_function(iterator)`` once per ``steps_per_execution`` batches; each call
+    here then reads that many batches without training and returns the (reset) metrics, until the
+    count is reached and the model's own function is put back. If ``steps_per_execution`` changed
+    since the backup so that the count does not divide, the straddling call reads the rest and then
+    trains; the epoch's input then ends inside its last call, so every batch is still trained once.
+    """
+
+    def __init__(self, model: keras.Model, prepare: Callable[[Any], int]) -> None:
+        self.model = model
+        self.original = model.train_function
+        self.prepare = prepare
+        self.remaining = 0
+        self.iterator: Any = None
+        model.train_function = self
+
+    def __call__(self, iterator: Any) -> Any:
+        if self.iterator is None:
+            self.iterator = iterator
+            self.remaining = self.prepare(iterator)
+        if self.remaining <= 0 or iterator is not self.iterator:  # done, or a later epoch or fit
+            _FirstSteps.remove(self.model)
+            return self.original(iterator)
+        per_call = self.model.steps_per_execution
+        skipped = min(per_call, self.remaining)
+        for _ in range(skipped):
+            next(iterator)
+        self.remaining -= skipped
+        if self.remaining <= 0:
+            _FirstSteps.remove(self.model)
+        if skipped < per_call:
+            return self.original(iterator)
+        return self.model.get_metrics_result()
+
+    @staticmethod
+    def remove(model: keras.Model) -> None:
+        """Put the model's own train function back, if a stand-in is there."""
+        stand_in = getattr(model, "train_function", None)
+        if isinstance(stand_in, _FirstSteps):
+            model.train_function = stand_in.original
+
+
+def _require_single_worker(model: keras.Model) -> None:
+    """Refuse multi-worker strategies: Keras 3 ``fit`` does not run under them (keras#20585)."""
+    strategy = model.distribute_strategy
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    workers = sum(len(spec.get(job, ())) for job in ("chief", "worker"))
+    if workers > 1 or not strategy.extended.should_checkpoint:
+        raise UnsupportedEnvironmentError(
+            f"BackupAndRestore for Keras 3 supports single-process training (no strategy, MirroredStrategy, "
+            f"OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. Keras 3's fit does "
+            "not train under multi-worker strategies; train in one process per backup_dir."
+        )

@@ -1,0 +1,102 @@
+"""The Keras demo worker: trains the demo model with ``BackupAndRestore`` and reports events.
+
+``python -m keras_impl.demo --backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
+[--batch-sleep 0.0] [--save-freq epoch|N]``
+
+Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json.
+Run it again with the same ``--backup-dir`` after a kill, and it resumes; the final weights equal
+those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+EVENT_PREFIX = "UB-EVENT "
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m keras_impl.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--backup-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sleep", type=float, default=0.0)
+    parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
+    for name in ("unified_backup", "keras_impl"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    import numpy as np
+    import tensorflow as tf
+
+    # Before TensorFlow starts its thread pools: one thread each, so every run computes alike.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    import keras
+
+    from keras_impl import BackupAndRestore
+
+    keras.utils.set_random_seed(args.seed)
+    tf.config.experimental.enable_op_determinism()
+    rs = np.random.RandomState(args.seed)
+    x = rs.normal(size=(256, 4)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
+
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    backup = BackupAndRestore(args.backup_dir, save_freq=args.save_freq)
+    epochs_run: list[int] = []
+
+    class Events(keras.callbacks.Callback):
+        """Placed after BackupAndRestore, so its hooks see the restore and each backup done."""
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            restored = backup.restored
+            emit("start", restored_epoch=None if restored is None else restored.epoch,
+                 global_step=int(model.optimizer.iterations))
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            epochs_run.append(epoch)
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if args.batch_sleep > 0:
+                time.sleep(args.batch_sleep)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            emit("epoch", epoch=epoch)
+
+    model.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[backup, Events()])
+    emit("done", backups=backup.stats.backups, backup_seconds=round(backup.stats.seconds, 4),
+         epochs_run=len(epochs_run))
+    weights = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in model.get_weights()])
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"framework": "keras", "weights": weights.tolist()}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Run under two logical CPUs with MirroredStrategy: reference, interrupt, resume; print the outcome as JSON.
+
+A script (run by ``test_processes.py`` in its own process) because logical devices must be set
+before TensorFlow initialises its devices, and TensorFlow's state is shared by the whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_impl import BackupAndRestore  # noqa: E402
+from tests.conformance.keras_driver import BATCH, data  # noqa: E402
+from unified_backup import Slot  # noqa: E402
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.epoch = at, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise RuntimeError("interrupt")
+
+
+class Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def model(seed):
+    init = keras.initializers.GlorotUniform
+    with strategy.scope():
+        run = keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed)),
+            keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
+        ])
+        run.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return run
+
+
+def fit(run, callbacks):
+    x, y = data()
+    epochs = Epochs()
+    run.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[epochs, *callbacks])
+    return epochs.seen
+
+
+def flat(run):
+    return np.concatenate([w.ravel() for w in run.get_weights()])
+
+
+def scenario(root: Path, save_freq, at):
+    backup_dir = root / f"backup-{save_freq}"
+    callback = BackupAndRestore(backup_dir, save_freq=save_freq)
+    try:
+        fit(model(0), [Interrupt(at), callback])
+    except RuntimeError:
+        callback._lifecycle.finish(success=False)
+    manifest = Slot(backup_dir).read_manifest()
+    resumed = model(1)
+    epochs = fit(resumed, [BackupAndRestore(backup_dir, save_freq=save_freq)])
+    return {
+        "counters": [manifest.epoch, manifest.step_in_epoch, manifest.global_step],
+        "epochs_run": epochs,
+        "iterations": int(resumed.optimizer.iterations.numpy()),
+        "weights": flat(resumed).tolist(),
+        "left": backup_dir.exists(),
+    }
+
+
+def main() -> None:
+    reference = model(0)
+    fit(reference, [])
+    with tempfile.TemporaryDirectory() as root:
+        out = {
+            "replicas": strategy.num_replicas_in_sync,
+            "reference": flat(reference).tolist(),
+            "epoch": scenario(Path(root), "epoch", (2, 3)),
+            "steps": scenario(Path(root), 3, (2, 6)),
+        }
+    sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

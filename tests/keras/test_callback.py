@@ -1,0 +1,267 @@
+"""Keras-specific behaviour of ``keras_impl.BackupAndRestore``, on the real framework and real files."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+from keras_impl import BackupAndRestore
+from keras_impl.callback import _FirstSteps
+from keras_impl.state import KerasTrainingState, canonical_paths
+from tests.conformance.keras_driver import BATCH, KerasDriver, data
+from unified_backup import (
+    CorruptBackupError,
+    Counters,
+    InvalidArgumentError,
+    Manifest,
+    UnsupportedFeatureError,
+)
+
+pytestmark = pytest.mark.keras
+
+STEPS = 8  # per epoch: 64 samples, batch 8
+driver = KerasDriver()
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises before batch ``batch`` of epoch ``epoch`` (place it before BackupAndRestore)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise RuntimeError("interrupt")
+
+
+class Epochs(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def fit(model, callbacks, epochs=4, **kwargs):
+    """Train on the standard data; return the epochs begun, or raise what fit raised."""
+    x, y = data()
+    epochs_seen = Epochs()
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=[epochs_seen, *callbacks], **kwargs)
+    return epochs_seen.seen
+
+
+def interrupted(backup_dir, model=None, at=(2, 3), **callback_args) -> BackupAndRestore:
+    callback = BackupAndRestore(backup_dir, **callback_args)
+    with pytest.raises(RuntimeError, match="interrupt"):
+        fit(model if model is not None else driver.new_run(), [Interrupt(*at), callback])
+    callback._lifecycle.finish(success=False)  # what the process's end would do to the lock
+    return callback
+
+
+def manifest_counters(backup_dir) -> tuple[int, int, int]:
+    body = json.loads((backup_dir / "manifest.json").read_text())
+    return body["epoch"], body["step_in_epoch"], body["global_step"]
+
+
+def unbuilt_model(seed=0, dropout=False):
+    init = keras.initializers.GlorotUniform
+    layers = [keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed))]
+    if dropout:
+        layers.append(keras.layers.Dropout(0.5, seed=seed))
+    layers.append(keras.layers.Dense(1, kernel_initializer=init(seed + 1000)))
+    model = keras.Sequential(layers)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return model
+
+
+def assert_same(actual: keras.Model, expected: keras.Model) -> None:
+    for a, e in zip(actual.get_weights(), expected.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_arguments_are_validated_and_exposed(tmp_path):
+    callback = BackupAndRestore(str(tmp_path / "b"), save_freq=5, delete_checkpoint=False)
+    assert callback.backup_dir == tmp_path / "b" and callback.save_freq == 5
+    assert callback.delete_checkpoint is False and callback.save_before_preemption is False
+    assert callback.restored is None and callback.stats.backups == 0
+    with pytest.raises(InvalidArgumentError, match="save_freq"):
+        BackupAndRestore(tmp_path, save_freq=0)
+    with pytest.raises(UnsupportedFeatureError):
+        BackupAndRestore(tmp_path, save_before_preemption=True)
+
+
+def test_unbuilt_model_trains_backs_up_and_resumes_exactly(tmp_path):
+    control = unbuilt_model()
+    fit(control, [])
+    first = unbuilt_model()
+    interrupted(tmp_path / "b", first)
+    assert manifest_counters(tmp_path / "b") == (2, 0, 2 * STEPS)
+    resumed, callback = unbuilt_model(seed=7), BackupAndRestore(tmp_path / "b")
+    assert not resumed.built
+    assert fit(resumed, [callback]) == [2, 3]
+    assert int(resumed.optimizer.iterations) == 4 * STEPS
+    assert_same(resumed, control)
+    assert not (tmp_path / "b").exists()
+    assert resumed._initial_epoch is None and not isinstance(resumed.train_function, _FirstSteps)
+
+
+def test_unbuilt_model_resumes_inside_an_epoch(tmp_path):
+    control = unbuilt_model()
+    fit(control, [])
+    interrupted(tmp_path / "b", unbuilt_model(), at=(1, 6), save_freq=5)
+    assert manifest_counters(tmp_path / "b") == (1, 2, 10)
+    resumed = unbuilt_model(seed=7)
+    assert fit(resumed, [BackupAndRestore(tmp_path / "b", save_freq=5)]) == [1, 2, 3]
+    assert int(resumed.optimizer.iterations) == 4 * STEPS
+    assert_same(resumed, control)
+
+
+def test_dropout_rng_state_is_restored(tmp_path):
+    control = unbuilt_model(dropout=True)
+    fit(control, [])
+    interrupted(tmp_path / "b", unbuilt_model(dropout=True))
+    resumed = unbuilt_model(seed=7, dropout=True)
+    fit(resumed, [BackupAndRestore(tmp_path / "b")])
+    assert_same(resumed, control)
+
+
+def test_early_stopping_after_a_resume_is_a_success_and_deletes(tmp_path):
+    interrupted(tmp_path / "b")
+    model = driver.new_run(seed=1)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0)
+    assert fit(model, [stop, BackupAndRestore(tmp_path / "b")], epochs=10) == [2, 3]
+    assert not (tmp_path / "b").exists()
+    assert model._initial_epoch is None
+
+
+def test_user_initial_epoch_without_a_backup_is_honoured(tmp_path):
+    model = driver.new_run()
+    assert fit(model, [BackupAndRestore(tmp_path / "b")], initial_epoch=2) == [2, 3]
+    assert int(model.optimizer.iterations) == 2 * STEPS
+
+
+def test_a_backup_wins_over_the_user_initial_epoch(tmp_path):
+    interrupted(tmp_path / "b", at=(1, 3))  # backup after epoch 1
+    assert fit(driver.new_run(seed=1), [BackupAndRestore(tmp_path / "b")], initial_epoch=3) == [1, 2, 3]
+
+
+def test_a_backup_inside_epoch_0_wins_over_the_user_initial_epoch(tmp_path):
+    control = driver.new_run()
+    fit(control, [])
+    interrupted(tmp_path / "b", at=(0, 5), save_freq=2)
+    assert manifest_counters(tmp_path / "b") == (0, 4, 4)
+    resumed = driver.new_run(seed=1)
+    assert fit(resumed, [BackupAndRestore(tmp_path / "b", save_freq=2)], initial_epoch=2) == [0, 1, 2, 3]
+    assert_same(resumed, control)
+
+
+def test_nothing_is_left_on_the_model_after_a_resumed_fit(tmp_path):
+    interrupted(tmp_path / "b", at=(2, 5), save_freq=3)
+    model = driver.new_run(seed=1)
+    assert fit(model, [BackupAndRestore(tmp_path / "b", save_freq=3)]) == [2, 3]
+    assert model._initial_epoch is None and not isinstance(model.train_function, _FirstSteps)
+    # Keras's own BackupAndRestore leaves _initial_epoch set: a later plain fit then runs fewer epochs.
+    before = int(model.optimizer.iterations)
+    assert fit(model, [], epochs=4) == [0, 1, 2, 3]
+    assert int(model.optimizer.iterations) - before == 4 * STEPS
+
+
+@pytest.mark.parametrize(
+    ("save_freq", "at", "expected"),
+    [
+        (3, (1, 5), (1, 4, 12)),  # backups at steps 3, 6, 9, 12: the last is 4 steps into epoch 1
+        (8, (1, 3), (1, 0, 8)),  # a backup at an epoch's last batch is recorded as that epoch's end
+        (5, (0, 7), (0, 5, 5)),
+    ],
+)
+def test_step_backups_record_exact_counters(tmp_path, save_freq, at, expected):
+    callback = interrupted(tmp_path / "b", at=at, save_freq=save_freq)
+    assert manifest_counters(tmp_path / "b") == expected
+    assert callback.stats.backups == expected[2] // save_freq
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_resume_inside_an_epoch_skips_trained_batches_and_matches_uninterrupted(
+    tmp_path, caplog, steps_per_execution
+):
+    def model(seed):
+        run = driver.new_run(seed=seed)
+        run.compile(keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=steps_per_execution)
+        return run
+
+    control = model(0)
+    fit(control, [])
+    interrupted(tmp_path / "b", model(0), at=(2, 6), save_freq=4)
+    assert manifest_counters(tmp_path / "b") == (2, 4, 20)
+    resumed = model(1)
+    with caplog.at_level(logging.WARNING, logger="keras_impl"):
+        assert fit(resumed, [BackupAndRestore(tmp_path / "b", save_freq=4)]) == [2, 3]
+    assert int(resumed.optimizer.iterations) == 4 * STEPS  # 4 batches of epoch 2 skipped, not redone
+    assert_same(resumed, control)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("keras_impl")]
+    assert len(warnings) == 1 and "first 4 batch(es)" in warnings[0] and "epoch 2" in warnings[0]
+
+
+def test_changed_steps_per_execution_still_trains_each_batch_once(tmp_path):
+    control = driver.new_run()
+    fit(control, [])
+    interrupted(tmp_path / "b", at=(1, 2), save_freq=3)  # backup 1 epoch + 1 step in
+    assert manifest_counters(tmp_path / "b") == (1, 1, 9)
+    resumed = driver.new_run(seed=1)
+    resumed.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=2)
+    fit(resumed, [BackupAndRestore(tmp_path / "b", save_freq=3)])
+    assert int(resumed.optimizer.iterations) == 4 * STEPS
+    np.testing.assert_allclose(
+        np.concatenate([w.ravel() for w in resumed.get_weights()]),
+        np.concatenate([w.ravel() for w in control.get_weights()]),
+        rtol=1e-6, atol=1e-7,
+    )
+
+
+def test_fingerprint_is_stable_across_rebuilds_in_one_process():
+    def built(optimizer):
+        run = driver.new_run(optimizer=optimizer)
+        run.optimizer.build(run.trainable_variables)
+        return KerasTrainingState(run).fingerprint()
+
+    first, again = built("adam"), built("adam")
+    assert first == again
+    assert first["model/sequential/dense/kernel"] == "float32[4, 8]"
+    assert first["optimizer/sequential_dense_kernel_momentum"] == "float32[4, 8]"
+    assert first["optimizer/class"] == "Adam" and built("sgd")["optimizer/class"] == "SGD"
+
+
+def test_canonical_paths_renumber_per_process_suffixes_but_keep_layers_apart():
+    paths = ["seq_3/dense_4/kernel", "seq_3/dense_5/kernel", "seq_3/block_1/kernel"]
+    expected = ["seq/dense/kernel", "seq/dense_1/kernel", "seq/block/kernel"]
+    assert list(canonical_paths(paths).values()) == expected
+
+
+def test_state_translates_a_damaged_checkpoint(tmp_path):
+    model = driver.new_run()
+    fit(model, [], epochs=1)
+    state = KerasTrainingState(model)
+    state.record(Counters(1, 0, STEPS))
+    state.save(tmp_path)
+    fake = Manifest("keras", "x", 1, 0, STEPS, {}, {}, "payload-x")
+    state.load(tmp_path, fake)  # intact: loads
+    wrong = Manifest("keras", "x", 2, 0, STEPS, {}, {}, "payload-x")
+    with pytest.raises(CorruptBackupError, match="counters"):
+        state.load(tmp_path, wrong)
+    data_file = next(tmp_path.glob("ckpt-*.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:10])
+    with pytest.raises(CorruptBackupError):
+        state.load(tmp_path, fake)
+    (tmp_path / "checkpoint").unlink()
+    with pytest.raises(CorruptBackupError, match="checkpoint state"):
+        state.load(tmp_path, fake)
