@@ -29,18 +29,42 @@ class FitResult:
         epochs_run: 0-based indices of the epochs whose training began in this call.
         global_step: the optimizer's step counter when the call ended.
         error: the exception ``fit`` raised (None when it returned normally).
+        losses: epoch index -> the epoch's mean training loss as the framework reports it at the
+            epoch's end (Keras: ``logs["loss"]``; Lightning: the epoch-aggregated ``train_loss``),
+            for each epoch that ended in this call.
     """
 
     epochs_run: list[int]
     global_step: int
     error: BaseException | None = None
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 class Driver(Protocol):
     name: str  # "keras" or "lightning", also the manifest's ``framework``
 
-    def new_run(self, *, seed: int = 0, width: int = 8, optimizer: str = "adam") -> Any:
-        """A fresh model and optimizer (and whatever the framework needs to call fit)."""
+    def new_run(
+        self,
+        *,
+        seed: int = 0,
+        width: int = 8,
+        optimizer: str = "adam",
+        shuffle: bool = False,
+        dropout: float = 0.0,
+        lr_schedule: bool = False,
+        accumulate: int = 1,
+    ) -> Any:
+        """A fresh model and optimizer (and whatever the framework needs to call fit).
+
+        ``shuffle``: reshuffle the 64 samples every epoch, the framework's usual way (Keras:
+        ``fit(shuffle=True)`` or the input pipeline the adapter documents as exact; Lightning:
+        ``DataLoader(shuffle=True)``). ``dropout``: a Dropout layer of that rate after the hidden
+        layer. ``lr_schedule``: a per-step exponential decay of the learning rate (Keras:
+        ``ExponentialDecay(1e-2, decay_steps=4, decay_rate=0.9)``; Lightning: ``ExponentialLR``
+        with ``gamma=0.9 ** 0.25`` stepped every optimizer step). ``accumulate``: Keras
+        ``steps_per_execution``; Lightning ``accumulate_grad_batches``. ``seed`` sets the initial
+        weights and every RNG the run uses; a restore must override all of them.
+        """
 
     def fit(
         self,
@@ -65,5 +89,21 @@ class Driver(Protocol):
     def weights(self, run: Any) -> list[np.ndarray]:
         """The model's weights as numpy arrays, in a fixed order."""
 
-    def demo_command(self, backup_dir: Path, out: Path, *, epochs: int, batch_sleep: float) -> list[str]:
-        """argv of this adapter's demo worker (``python -m <adapter>.demo ...``), see README."""
+    def optimizer_state(self, run: Any) -> list[np.ndarray]:
+        """The optimizer's slots (moments, momenta) and its step counter, in a fixed order."""
+
+    def demo_command(
+        self,
+        backup_dir: Path,
+        out: Path,
+        *,
+        epochs: int,
+        batch_sleep: float,
+        save_freq: str | int = "epoch",
+        exact: bool = False,
+    ) -> list[str]:
+        """argv of this adapter's demo worker (``python -m <adapter>.demo ...``), see README.
+
+        ``exact=True`` adds ``--shuffle --dropout 0.2`` (reshuffled data, dropout on): the
+        worker must still end bit-identical to its uninterrupted run.
+        """
