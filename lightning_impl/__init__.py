@@ -1,0 +1,28 @@
+"""unified-backup for Lightning: ``BackupAndRestore`` for ``lightning.pytorch``.
+
+``lightning_impl.pl.BackupAndRestore`` is the same callback for the ``pytorch_lightning`` namespace.
+"""
+
+from __future__ import annotations
+
+from unified_backup.errors import MissingFrameworkError
+
+try:
+    import lightning
+    import lightning.pytorch
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
+    raise MissingFrameworkError(
+        f"lightning_impl needs torch and lightning, which could not be imported ({exc}). "
+        "Install them with: pip install 'unified-backup[lightning]'"
+    ) from exc
+
+from lightning_impl.callback import BackupAndRestoreMixin
+
+
+class BackupAndRestore(BackupAndRestoreMixin, lightning.pytorch.Callback):
+    __doc__ = BackupAndRestoreMixin.__doc__
+    _framework_version = lightning.__version__
+
+
+__all__ = ["BackupAndRestore"]

@@ -1,0 +1,210 @@
+"""``BackupAndRestore`` for Lightning: Trainer hooks mapped to the core lifecycle.
+
+One mixin holds the logic; ``lightning_impl.BackupAndRestore`` (``lightning.pytorch``) and
+``lightning_impl.pl.BackupAndRestore`` (``pytorch_lightning``) add it to each namespace's Callback.
+
+Hook -> lifecycle::
+
+    on_fit_start          start(state): lock, verify, check the fingerprint, load model, datamodule and
+                          callbacks; Lightning restores optimizers, LR schedulers and loops right after
+    on_train_start        the restore is done: warn if a mid-epoch resume cannot restore the data position
+    on_train_batch_end    save_freq=N: backup() once N optimizer steps have run since the last backup
+    on_train_epoch_end    save_freq="epoch": the epoch's backup is now due ...
+    on_train_epoch_start  ... and taken here, or in on_train_end after the last epoch: once the epoch is
+    on_train_end          closed (see below)
+    on_fit_end            finish(success=True): delete the backup (delete_checkpoint)
+    on_exception          finish(success=False): keep the backup (Ctrl-C included)
+
+Why not back up in ``on_train_epoch_end``: Lightning runs EarlyStopping's and ModelCheckpoint's
+``on_train_epoch_end`` after every other callback's, and steps ReduceLROnPlateau after that. A
+backup taken there misses the epoch's early-stopping check and plateau step, and a resumed run
+trains one epoch more than an uninterrupted one. The backup of a closed epoch is saved with the
+epoch counters that a checkpoint from ``on_train_epoch_end`` carries (``_private.mark_epoch_closed``),
+so that Lightning resumes it at the first batch of the next epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lightning_impl import _private
+from lightning_impl.coordinator import LightningCoordinator
+from lightning_impl.state import LightningState
+from unified_backup.coordinator import SingleProcess
+from unified_backup.errors import UnsupportedEnvironmentError
+from unified_backup.lifecycle import BackupStats, Lifecycle
+from unified_backup.manifest import Counters, Manifest
+from unified_backup.options import EPOCH, BackupOptions
+
+log = logging.getLogger(__name__)
+_DATA_POSITION = (
+    "Resuming in the middle of epoch %d (after %d of its optimizer steps), but the position of the "
+    "training DataLoader is not restored: Lightning starts it again from its first batch and runs only the "
+    "batches left in the epoch, so in this epoch the first batches are seen twice and the last ones not "
+    "at all. Use save_freq='epoch' for an exact resume, or a resumable loader (with state_dict and "
+    "load_state_dict, e.g. torchdata's StatefulDataLoader)."
+)
+_KEY = "unified_backup"  # our entry in the checkpoints we write: {"should_stop": bool}
+
+
+def _ignore_phase(name: str) -> None:
+    """A picklable phase listener (``ddp_spawn`` pickles the callbacks; a lambda would not pickle)."""
+
+
+class BackupAndRestoreMixin:
+    """Back up the training to ``backup_dir`` and resume from it when ``fit`` starts again.
+
+    Args:
+        backup_dir: local folder that holds the single backup (one per training).
+        save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
+        delete_checkpoint: delete the backup when ``fit`` returns normally (early stopping included).
+        save_before_preemption: not supported yet; ``True`` raises ``UnsupportedFeatureError``.
+
+    NOTE: every rank runs the hooks; only global rank 0 writes and commits (see ``coordinator.py``).
+    """
+
+    _framework_version: str = "unknown"
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int = EPOCH,
+        delete_checkpoint: bool = True,
+        save_before_preemption: bool = False,
+    ) -> None:
+        super().__init__()
+        self._options = BackupOptions(backup_dir, save_freq, delete_checkpoint, save_before_preemption)
+        self._lifecycle = Lifecycle(self._options, on_phase=_ignore_phase)
+        self._state: LightningState | None = None
+        self._close_pending = False  # an epoch ended (or a due step backup hit its last batch)
+        self._saving: str | None = None  # "close" or "step" while our own save runs
+        self._loading = False  # our own load is running
+        self._user_ckpt_path: Any = None
+        self._last_backup_step = 0
+        self._epoch_first_step = 0
+
+    backup_dir = property(lambda self: self._options.backup_dir)
+    save_freq = property(lambda self: self._options.save_freq)
+    delete_checkpoint = property(lambda self: self._options.delete_checkpoint)
+    save_before_preemption = property(lambda self: self._options.save_before_preemption)
+
+    @property
+    def restored(self) -> Manifest | None:
+        """The manifest of the backup that the current ``fit`` resumed from, or None."""
+        return self._lifecycle.restored
+
+    @property
+    def stats(self) -> BackupStats:
+        """What backing up cost during the current (or last) ``fit``."""
+        return self._lifecycle.stats
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            raise UnsupportedEnvironmentError(
+                f"BackupAndRestore does not support the {type(trainer.strategy).__name__} strategy yet: it "
+                "restores checkpoints after setup and writes them sharded (FSDP, DeepSpeed, ModelParallel). "
+                "Expected a strategy that writes one checkpoint file from rank 0 (single device, DDP). Use "
+                "such a strategy, or remove BackupAndRestore and use Lightning's ModelCheckpoint."
+            )
+        self._state = LightningState(trainer, self._framework_version)
+        self._lifecycle.coordinator = LightningCoordinator(trainer)
+        self._user_ckpt_path = trainer.ckpt_path
+        self._close_pending = False
+        self._loading = True
+        try:
+            restored = self._lifecycle.start(self._state)
+        finally:
+            self._loading = False
+        if restored is not None and self._user_ckpt_path:
+            log.warning(
+                "Resumed from the backup in %s, not from fit(ckpt_path=%r): the backup is the later state.",
+                self.backup_dir,
+                str(self._user_ckpt_path),
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        restored = self.restored
+        if restored is not None:
+            _private.set_ckpt_path(trainer, self._user_ckpt_path)
+            if restored.step_in_epoch and not _loaders_are_resumable(trainer.train_dataloader):
+                log.warning(_DATA_POSITION, restored.epoch, restored.step_in_epoch)
+        self._last_backup_step = trainer.global_step
+        self._epoch_first_step = trainer.global_step - (restored.step_in_epoch if restored else 0)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._back_up_closed_epoch(trainer)
+        self._epoch_first_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self._options.step_backup_due(step, self._last_backup_step):
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._close_pending = True  # the epoch's last batch: back up once the epoch is closed
+        else:
+            self._back_up(trainer, Counters(trainer.current_epoch, step - self._epoch_first_step, step))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._options.per_epoch:
+            self._close_pending = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._back_up_closed_epoch(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(success=True)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(success=False)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self._saving == "close":
+            _private.mark_epoch_closed(checkpoint)
+        if self._saving:
+            checkpoint[_KEY] = {"should_stop": bool(trainer.should_stop)}
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self._loading and checkpoint.get(_KEY, {}).get("should_stop"):
+            trainer.should_stop = True  # an early-stopped run resumes as stopped instead of training on
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _back_up_closed_epoch(self, trainer: Any) -> None:
+        if not self._close_pending:
+            return
+        self._close_pending = False
+        self._back_up(trainer, Counters(trainer.current_epoch, 0, trainer.global_step), "close")
+
+    def _back_up(self, trainer: Any, counters: Counters, kind: str = "step") -> None:
+        assert self._state is not None, "on_fit_start did not run"
+        self._saving = kind
+        try:
+            self._lifecycle.backup(self._state, counters)
+        finally:
+            self._saving = None
+        self._last_backup_step = counters.global_step
+
+    def _finish(self, success: bool) -> None:
+        try:
+            self._lifecycle.finish(success)
+        finally:
+            self._lifecycle.coordinator = SingleProcess()
+            self._state = None
+            self._user_ckpt_path = None
+            self._close_pending = False
+
+
+def _loaders_are_resumable(loaders: Any) -> bool:
+    """Whether Lightning saves and restores the position of every training loader (its ``_Stateful`` test)."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    return all(
+        callable(getattr(dl, "state_dict", None)) and callable(getattr(dl, "load_state_dict", None))
+        for dl in loaders
+    )

@@ -1,0 +1,32 @@
+"""The core's :class:`unified_backup.Coordinator` for a Lightning ``Trainer``, through its strategy.
+
+One implementation serves every strategy (single device, DDP, DDP spawn, ...): the strategy
+knows its ranks and its collectives. NOTE: every rank must make the same calls in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LightningCoordinator:
+    """The processes of one ``Trainer.fit``, as seen by one of them."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+
+    @property
+    def is_primary(self) -> bool:
+        return bool(self._trainer.is_global_zero)
+
+    @property
+    def rank(self) -> int:
+        return int(self._trainer.global_rank)
+
+    def barrier(self, name: str) -> None:
+        self._trainer.strategy.barrier(name)
+
+    def broadcast(self, value: T) -> T:
+        return self._trainer.strategy.broadcast(value, src=0)

@@ -1,0 +1,134 @@
+"""The Lightning demo worker: ``python -m lightning_impl.demo --backup-dir DIR --out OUT.json``.
+
+Trains the demo MLP with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines on stdout
+(start, one per closed epoch, done); writes the final weights to ``--out`` on success. Used by
+``unified-backup demo`` and by the SIGKILL conformance scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from lightning_impl import BackupAndRestore
+
+EVENT_PREFIX = "UB-EVENT "
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
+
+
+class DemoModel(L.LightningModule):
+    """MLP 4 -> 16 (ReLU) -> 1, Adam lr 1e-2, MSE, on 256 fixed samples in batches of 16."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        rs = np.random.RandomState(self.seed)
+        x = rs.normal(size=(256, 4)).astype(np.float32)
+        y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
+        dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+        return torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
+
+
+class Events(L.Callback):
+    """Prints the event lines; placed after BackupAndRestore, so each epoch's backup is committed first."""
+
+    def __init__(self, backup: BackupAndRestore, batch_sleep: float) -> None:
+        self.backup = backup
+        self.batch_sleep = batch_sleep
+        self.epochs_run = 0
+        self.closed = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restored = self.backup.restored
+        emit("start", restored_epoch=restored.epoch if restored else None, global_step=trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_closed(trainer)
+        self.epochs_run += 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.batch_sleep:
+            time.sleep(self.batch_sleep)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.closed = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_closed(trainer)
+
+    def _epoch_closed(self, trainer: L.Trainer) -> None:
+        # BackupAndRestore backs up an epoch once it is closed: at the next epoch's start or at the end.
+        if self.closed:
+            self.closed = False
+            emit("epoch", epoch=trainer.current_epoch - 1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lightning_impl.demo", description=__doc__)
+    parser.add_argument("--backup-dir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sleep", type=float, default=0.0)
+    parser.add_argument("--save-freq", default="epoch", help="'epoch' or a number of optimizer steps")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    save_freq: str | int = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+    backup = BackupAndRestore(args.backup_dir, save_freq=save_freq)
+    events = Events(backup, args.batch_sleep)
+    model = DemoModel(args.seed)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[backup, events],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(model)
+    emit(
+        "done",
+        backups=backup.stats.backups,
+        backup_seconds=backup.stats.seconds,
+        epochs_run=events.epochs_run,
+    )
+    weights = np.concatenate(
+        [t.detach().cpu().double().numpy().ravel() for t in model.net.state_dict().values()]
+    )
+    args.out.write_text(json.dumps({"framework": "lightning", "weights": weights.tolist()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""``BackupAndRestore`` for the ``pytorch_lightning`` namespace (the same callback as ``lightning_impl``)."""
+
+from __future__ import annotations
+
+from unified_backup.errors import MissingFrameworkError
+
+try:
+    import pytorch_lightning
+except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
+    raise MissingFrameworkError(
+        f"lightning_impl.pl needs pytorch_lightning, which could not be imported ({exc}). "
+        "Install it with: pip install 'unified-backup[lightning]'"
+    ) from exc
+
+from lightning_impl.callback import BackupAndRestoreMixin
+
+
+class BackupAndRestore(BackupAndRestoreMixin, pytorch_lightning.Callback):
+    __doc__ = BackupAndRestoreMixin.__doc__
+    _framework_version = pytorch_lightning.__version__
+
+
+__all__ = ["BackupAndRestore"]

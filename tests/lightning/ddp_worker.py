@@ -1,0 +1,74 @@
+"""A 2-process DDP training on CPU (gloo), launched by Lightning itself (``strategy="ddp"``).
+
+``python -m tests.lightning.ddp_worker OUT_DIR [--backup-dir DIR] [--seed S] [--interrupt E,B]``
+Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
+Run it in a private network namespace (see test_processes.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from tests.lightning.helpers import NAMESPACES, interrupter, new_model, weights
+
+
+class Report(L.Callback):
+    def __init__(self, backup: Any) -> None:
+        self.backup = backup
+        self.record: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restored = self.backup.restored if self.backup else None
+        self.record.update(
+            restored_epoch=restored.epoch if restored else None, start_step=trainer.global_step
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--backup-dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interrupt")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    backup = NAMESPACES["lightning.pytorch"][1](args.backup_dir) if args.backup_dir else None
+    report = Report(backup)
+    callbacks: list[Any] = [backup, report] if backup else [report]
+    if args.interrupt:
+        epoch, batch = map(int, args.interrupt.split(","))
+        callbacks.insert(0, interrupter("lightning.pytorch", (epoch, batch)))
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=callbacks,
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = new_model(seed=args.seed)
+    error = None
+    try:
+        trainer.fit(model)
+    except RuntimeError as exc:
+        error = str(exc)
+    flat = np.concatenate([w.ravel() for w in weights(model)]).astype(float).tolist()
+    report.record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report.record))
+    return 0 if error is None else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Guards on the Lightning internals that ``lightning_impl/_private.py`` relies on.
+
+When one of these fails after a Lightning upgrade, read its message, then update ``_private.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_impl import _private
+from tests.lightning.helpers import NAMESPACES, fit, new_model, weights
+from unified_backup import BackupError
+
+pytestmark = pytest.mark.lightning
+
+CHANGED = "Lightning changed an internal that lightning_impl/_private.py uses: "
+
+
+def trainer_of(namespace: str, **kwargs: Any) -> Any:
+    return NAMESPACES[namespace][0].Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_private_entry_points_still_exist(namespace):
+    trainer = trainer_of(namespace)
+    assert _private.has_restore_modules_and_callbacks(trainer), (
+        CHANGED
+        + "Trainer._checkpoint_connector._restore_modules_and_callbacks(path, weights_only=...) is gone "
+        "or lost its weights_only parameter."
+    )
+    connector = trainer._checkpoint_connector
+    assert hasattr(connector, "_ckpt_path") and hasattr(connector, "_user_managed"), (
+        CHANGED + "_CheckpointConnector no longer keeps _ckpt_path / _user_managed."
+    )
+    _private.set_ckpt_path(trainer, "somewhere.ckpt")
+    assert trainer.ckpt_path == "somewhere.ckpt", CHANGED + "Trainer.ckpt_path no longer reads _ckpt_path."
+    assert connector._user_managed is False
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_restore_in_on_fit_start_restores_model_callbacks_optimizer_scheduler_and_loops(namespace, tmp_path):
+    ns = NAMESPACES[namespace][0]
+    trained = new_model(namespace, scheduler="step")
+    stopper = ns.callbacks.EarlyStopping(monitor="train_loss", min_delta=1e9, patience=5)
+    first = fit(trained, None, epochs=2, namespace=namespace, callbacks=[stopper])
+    assert first.error is None and stopper.wait_count == 1
+    path = tmp_path / "state.ckpt"
+    first.trainer.save_checkpoint(path, weights_only=False)
+
+    seen: dict[str, Any] = {}
+
+    class Restore(ns.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            _private.restore_modules_and_callbacks(trainer, path)
+            seen["weights"] = weights(pl_module)  # restored now, before Lightning's own restore
+
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            seen["step"] = {int(s["step"]) for s in optimizer.state.values()}
+            seen["lr"] = optimizer.param_groups[0]["lr"]
+            seen["last_epoch"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+            seen["loops"] = (trainer.current_epoch, trainer.global_step)
+            seen["freed"] = trainer._checkpoint_connector._loaded_checkpoint == {}
+
+    new_stopper = ns.callbacks.EarlyStopping(monitor="train_loss", min_delta=1e9, patience=5)
+    model = new_model(namespace, seed=1, scheduler="step")
+    probe = fit(
+        model, None, epochs=3, namespace=namespace, callbacks=[new_stopper, Restore()], limit_train_batches=1
+    )
+    assert probe.error is None
+    for got, want in zip(seen["weights"], weights(trained), strict=True):
+        assert torch.equal(torch.from_numpy(got), torch.from_numpy(want)), (
+            CHANGED + "the model was not restored."
+        )
+    assert seen["step"] == {16}, CHANGED + "the optimizer state was not restored after on_fit_start."
+    assert seen["lr"] == 0.0025 and seen["last_epoch"] == 2, CHANGED + "the LR scheduler was not restored."
+    assert seen["loops"] == (2, 16), CHANGED + "the loops (epoch, global step) were not restored."
+    assert seen["freed"], CHANGED + "resume_end no longer frees the loaded checkpoint."
+    assert new_stopper.wait_count == 2, (
+        CHANGED + "callback states were not restored (EarlyStopping.wait_count)."
+    )
+
+
+def test_epoch_counters_of_a_checkpoint_are_where_mark_epoch_closed_expects_them(tmp_path):
+    result = fit(new_model(), None, epochs=2)
+    result.trainer.save_checkpoint(tmp_path / "state.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=True)
+    _private.mark_epoch_closed(checkpoint)
+    progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+    for part in ("total", "current"):
+        assert progress[part] == {"ready": 2, "started": 2, "processed": 2, "completed": 1}, CHANGED + str(
+            progress
+        )
+
+
+def test_mark_epoch_closed_refuses_an_unknown_layout():
+    with pytest.raises(BackupError, match="not supported yet"):
+        _private.mark_epoch_closed({"loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 1}}}}})
+    counters = {"ready": 3, "started": 3, "processed": 3, "completed": 2}  # mid-epoch, not a closed epoch
+    with pytest.raises(BackupError, match="started == processed == completed"):
+        _private.mark_epoch_closed(
+            {"loops": {"fit_loop": {"epoch_progress": {"total": counters, "current": counters}}}}
+        )

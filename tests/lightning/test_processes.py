@@ -1,0 +1,121 @@
+"""BackupAndRestore across real processes: Ctrl-C, a missing framework, and DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from unified_backup import Slot
+from unified_backup.lock import LOCK_NAME
+
+pytestmark = pytest.mark.lightning
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` from the repository root in its own process group; SIGKILL the whole group at the end."""
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{argv} ran past {timeout} s:\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Lightning's launcher may leave a rank behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+CTRL_C = textwrap.dedent(
+    """
+    import sys
+    from tests.lightning.helpers import fit, new_model
+    fit(new_model(), sys.argv[1], epochs=3, interrupt=(1, 2), exc=KeyboardInterrupt)
+    print("fit returned", flush=True)
+    """
+)
+
+
+def test_ctrl_c_keeps_the_backup(tmp_path):
+    backup_dir = tmp_path / "b"
+    result = run([sys.executable, "-c", CTRL_C, str(backup_dir)], timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]  # Lightning turns KeyboardInterrupt into sys.exit(1)
+    assert "Detected KeyboardInterrupt" in result.stderr and "fit returned" not in result.stdout
+    slot = Slot(backup_dir)
+    manifest = slot.read_manifest()
+    assert manifest is not None and (manifest.epoch, manifest.global_step) == (1, 8)
+    slot.verify(manifest)
+    assert not (backup_dir / LOCK_NAME).exists()  # released by on_exception
+
+
+@pytest.mark.parametrize(
+    ("module", "hidden"), [("lightning_impl", "lightning"), ("lightning_impl.pl", "pytorch_lightning")]
+)
+def test_missing_framework_names_the_extra_to_install(module, hidden):
+    code = f"import sys; sys.modules[{hidden!r}] = None; import {module}"
+    result = run([sys.executable, "-c", code], timeout=120)
+    assert result.returncode != 0
+    assert "MissingFrameworkError" in result.stderr
+    assert "pip install 'unified-backup[lightning]'" in result.stderr
+
+
+def ddp(out: Path, *args: str) -> list[dict]:
+    """One 2-process DDP fit (gloo on 127.0.0.1) in a private network namespace; each rank's report."""
+    argv = [
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        'ip link set lo up && exec "$@"',
+        "_",
+        "env",
+        "MASTER_ADDR=127.0.0.1",
+        "MASTER_PORT=29511",
+        sys.executable,
+        "-m",
+        "tests.lightning.ddp_worker",
+        str(out),
+        *args,
+    ]
+    result = run(argv, timeout=180)
+    reports = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()
+    ]
+    assert len(reports) == 2, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
+    return reports
+
+
+@pytest.mark.slow
+def test_ddp_interrupted_then_resumed_matches_uninterrupted_ddp(tmp_path):
+    reference = ddp(tmp_path / "reference")
+    assert reference[0]["weights"] == reference[1]["weights"]
+    assert reference[0]["global_step"] == 12  # 64 samples over 2 ranks, batch 8: 4 steps per epoch
+
+    backup_dir = tmp_path / "b"
+    interrupted = ddp(tmp_path / "interrupted", "--backup-dir", str(backup_dir), "--interrupt", "1,2")
+    assert [r["error"] for r in interrupted] == ["interrupt", "interrupt"]
+    manifest = Slot(backup_dir).read_manifest()
+    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 0, 4)
+    # exactly one process committed: one payload folder, no scratch folder of rank 1 left behind
+    assert sorted(p.name for p in backup_dir.iterdir() if p.is_dir()) == [manifest.payload]
+    assert sorted(manifest.files) == ["state.ckpt"]
+
+    resumed = ddp(tmp_path / "resumed", "--backup-dir", str(backup_dir), "--seed", "1")
+    for rank in resumed:
+        assert rank["error"] is None
+        assert (rank["restored_epoch"], rank["start_step"]) == (1, 4)  # every rank restored the same backup
+        assert rank["seen"][0] == [1, 0] and rank["global_step"] == 12
+        assert rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
