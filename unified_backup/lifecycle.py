@@ -30,7 +30,7 @@ from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import BackupError, BackupWriteError, IncompatibleBackupError
 from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import Counters, Manifest
-from unified_backup.options import BackupOptions
+from unified_backup.options import WARN, BackupOptions
 from unified_backup.slot import Slot
 
 log = logging.getLogger(__name__)
@@ -142,25 +142,58 @@ class Lifecycle:
         return manifest.to_json()
 
     def backup(self, state: TrainingState, counters: Counters) -> Manifest | None:
-        """Commit a new backup of ``state`` that replaces the old one in one atomic step."""
+        """Commit a new backup of ``state`` that replaces the old one in one atomic step.
+
+        A failed write (disk full, I/O error, file too large, read-only folder) leaves the previous
+        backup committed and intact and removes the staging area; then, by ``on_write_error``,
+        raise :class:`BackupWriteError` (stop training) or log a warning, return None and go on.
+        """
         self._require_running("backup")
         began = time.perf_counter()
+        try:
+            manifest = self._write(state, counters)
+        except BackupWriteError as exc:
+            if self.options.on_write_error != WARN:
+                raise
+            log.warning("Backup skipped: %s Training goes on (on_write_error='warn').", exc)
+            return None
+        self._on_phase("committed")
+        self.stats.backups += 1
+        self.stats.seconds += time.perf_counter() - began
+        return manifest
+
+    def _write(self, state: TrainingState, counters: Counters) -> Manifest | None:
         coordinator = self.coordinator
-        staged_path = coordinator.broadcast(str(self.slot.stage()) if coordinator.is_primary else "")
-        staged = Path(staged_path)
-        target = (
-            staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
-        )
-        target.mkdir(parents=True, exist_ok=True)
+        staged_path: dict = {}
+        if coordinator.is_primary:
+            try:
+                staged_path = {"path": str(self.slot.stage())}
+            except OSError as exc:
+                staged_path = {"errno": exc.errno, "error": str(exc)}
+        staged_path = coordinator.broadcast(staged_path)
+        if "error" in staged_path:
+            raise BackupWriteError(
+                staged_path["errno"],
+                f"Cannot create a staging folder in {self.options.backup_dir} ({staged_path['error']}); "
+                "the previous backup is still committed and intact. Free space or fix permissions on "
+                "backup_dir.",
+            )
+        staged = Path(staged_path["path"])
+        target = staged
+        if not coordinator.is_primary:
+            target = staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
         self._on_phase("save")
         try:
+            target.mkdir(parents=True, exist_ok=True)
             state.save(target)
-        except OSError as exc:
+        except BaseException as exc:
             self.slot.discard(target)
+            if not isinstance(exc, OSError):
+                raise
             raise BackupWriteError(
                 exc.errno,
-                f"Saving the training state into {target} failed ({exc}); the previous backup "
-                f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
+                f"Saving the training state into {target} failed ({exc}); the previous backup in "
+                f"{self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
             ) from exc
         coordinator.barrier("unified_backup.saved")
         manifest = None
@@ -181,9 +214,6 @@ class Lifecycle:
         else:
             shutil.rmtree(target, ignore_errors=True)
         coordinator.barrier("unified_backup.committed")
-        self._on_phase("committed")
-        self.stats.backups += 1
-        self.stats.seconds += time.perf_counter() - began
         return manifest
 
     def finish(self, success: bool) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from unified_backup.errors import InvalidArgumentError, UnsupportedFeatureError
 
 EPOCH = "epoch"
+RAISE = "raise"
+WARN = "warn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,12 +22,16 @@ class BackupOptions:
         save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
         delete_checkpoint: delete the backup when ``fit`` returns normally.
         save_before_preemption: back up and stop cleanly on SIGTERM.
+        on_write_error: when a backup cannot be written (disk full, I/O error, read-only folder),
+            ``"raise"`` stops training with :class:`BackupWriteError`; ``"warn"`` logs a warning
+            and trains on. Either way the previous backup stays committed and intact.
     """
 
     backup_dir: Path
     save_freq: str | int = EPOCH
     delete_checkpoint: bool = True
     save_before_preemption: bool = False
+    on_write_error: str = RAISE
 
     def __init__(
         self,
@@ -33,6 +39,7 @@ class BackupOptions:
         save_freq: str | int = EPOCH,
         delete_checkpoint: bool = True,
         save_before_preemption: bool = False,
+        on_write_error: str = RAISE,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
             raise InvalidArgumentError(
@@ -61,6 +68,11 @@ class BackupOptions:
                     f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
                     "Expected True or False."
                 )
+        if on_write_error not in (RAISE, WARN):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `on_write_error`. Received: on_write_error={on_write_error!r}. "
+                f"Expected {RAISE!r} (stop training) or {WARN!r} (log a warning and train on)."
+            )
         if save_before_preemption:
             raise UnsupportedFeatureError(
                 "save_before_preemption=True is not implemented in this version, and it is refused rather "
@@ -71,6 +83,7 @@ class BackupOptions:
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
         object.__setattr__(self, "save_before_preemption", save_before_preemption)
+        object.__setattr__(self, "on_write_error", on_write_error)
 
     @property
     def per_epoch(self) -> bool:
