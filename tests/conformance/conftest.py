@@ -12,8 +12,12 @@ DRIVERS = {
 }
 
 
+def load_driver(framework: str):
+    module, name = DRIVERS[framework]
+    return getattr(importlib.import_module(module), name)()
+
+
 @pytest.fixture(params=sorted(DRIVERS), scope="session")
 def driver(request):
-    module, name = DRIVERS[request.param]
     request.applymarker(getattr(pytest.mark, request.param))
-    return getattr(importlib.import_module(module), name)()
+    return load_driver(request.param)

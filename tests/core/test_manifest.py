@@ -63,3 +63,20 @@ def test_altered_field_fails_the_manifest_checksum():
 def test_truncated_manifest_is_corrupt():
     with pytest.raises(CorruptBackupError, match="not valid JSON"):
         Manifest.from_json(make().to_json()[:40])
+
+
+def test_every_single_bit_flip_of_the_manifest_is_refused():
+    text = make().to_json().encode()
+    for i in range(len(text)):
+        for bit in (0x01, 0x20):
+            flipped = bytearray(text)
+            flipped[i] ^= bit
+            try:
+                decoded = bytes(flipped).decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # Slot.read_manifest refuses undecodable bytes as CorruptBackupError
+            try:
+                Manifest.from_json(decoded)
+            except (CorruptBackupError, UnsupportedFormatError):
+                continue
+            assert Manifest.from_json(decoded) == make(), f"flip of bit {bit:#x} at byte {i} was accepted"
