@@ -32,6 +32,9 @@ class Coordinator(Protocol):
     def broadcast(self, value: T) -> T:
         """Return the primary's ``value`` on every process (JSON-like values only)."""
 
+    def any(self, flag: bool) -> bool:
+        """Return True on every process if any process passed True."""
+
 
 class SingleProcess:
     """The coordinator of a training that runs in one process: every call is immediate."""
@@ -44,3 +47,6 @@ class SingleProcess:
 
     def broadcast(self, value: T) -> T:
         return value
+
+    def any(self, flag: bool) -> bool:
+        return flag

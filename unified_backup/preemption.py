@@ -1,0 +1,95 @@
+"""Preemption: on SIGTERM (and signals the user names), back up at the next step and stop.
+
+Adapters create a :class:`PreemptionWatch` when ``fit`` starts, ask :meth:`PreemptionWatch.agreed`
+at every step boundary, and when it says yes, commit a backup and raise :class:`TrainingPreempted`,
+which ends the process with exit code :data:`EXIT_PREEMPTED` unless caught.
+
+NOTE: in multi-process runs every process calls ``agreed`` at every step boundary: a signal seen
+by any process stops all of them at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from unified_backup.coordinator import Coordinator
+from unified_backup.errors import BackupError, InvalidArgumentError, UnsupportedEnvironmentError
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that ended on SIGTERM
+log = logging.getLogger(__name__)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class TrainingPreempted(BackupError, SystemExit):
+    """Training stopped on a preemption signal after committing a backup.
+
+    Derives from ``SystemExit`` so that, uncaught, the process ends quietly with ``EXIT_PREEMPTED``.
+    """
+
+    def __init__(self, message: str) -> None:
+        SystemExit.__init__(self, EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_signals(value: bool | Iterable[int | str]) -> tuple[signal.Signals, ...]:
+    """``True`` -> (SIGTERM,); an iterable of names or numbers -> those signals; ``False`` -> ()."""
+    if value is False:
+        return ()
+    if value is True:
+        return (signal.SIGTERM,)
+    try:
+        names = list(value)  # type: ignore[arg-type]
+        return tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in names)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `save_before_preemption`. Received: {value!r}. Expected True "
+            "(SIGTERM), False, or a list of signals such as ['SIGTERM', 'SIGUSR1']."
+        ) from exc
+
+
+class PreemptionWatch:
+    """Records the arrival of preemption signals while installed; restores the old handlers after."""
+
+    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, _Handler] = {}
+
+    @staticmethod
+    def check_installable() -> None:
+        """Raise if handlers cannot be installed here (only Python's main thread may install them)."""
+        if threading.current_thread() is not threading.main_thread():
+            raise UnsupportedEnvironmentError(
+                "save_before_preemption needs to install signal handlers, which Python allows only in the "
+                "main thread; fit runs in another thread. Run fit in the main thread, or pass "
+                "save_before_preemption=False."
+            )
+
+    def install(self) -> None:
+        self.check_installable()
+        self.received = None
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        previous = self._previous.get(self.received)
+        if callable(previous):  # e.g. Lightning's own SIGTERM bookkeeping
+            previous(signum, frame)
+
+    def agreed(self, coordinator: Coordinator) -> bool:
+        """True on every process once any process has received a signal (call at step boundaries)."""
+        return coordinator.any(self.received is not None)
