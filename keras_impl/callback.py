@@ -1,7 +1,8 @@
 """``BackupAndRestore`` for Keras 3 on TensorFlow: Keras's callback hooks mapped to the lifecycle.
 
 on_train_begin       lifecycle.start (restore), then tell ``fit`` where to start
-on_epoch_begin       drop what was set on the model; note the epoch's first step
+first train step     (resumed inside an epoch) put back the metrics, skip the batches already trained
+on_epoch_begin       drop what was set on the model; note the epoch's first step and host RNG states
 on_train_batch_end   lifecycle.backup when ``save_freq=N`` optimizer steps have run
 on_epoch_end         lifecycle.backup when ``save_freq="epoch"``
 on_train_end         lifecycle.finish(success=True): delete the backup (if asked), unlock
@@ -20,6 +21,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_impl import pipeline, rng
 from keras_impl.state import KerasTrainingState
 from unified_backup import BackupOptions, BackupStats, Counters, Lifecycle, Manifest
 from unified_backup.errors import CorruptBackupError, UnsupportedEnvironmentError
@@ -60,9 +62,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._lifecycle = Lifecycle(options)
         self._state: KerasTrainingState | None = None
         self._epoch = 0
-        self._epoch_start_step = 0
-        self._resume_start_step: int | None = None  # the resumed epoch's first step, until it begins
+        self._epoch_start = (0, 0)  # (optimizer steps, batches) when the current epoch began
+        self._resume_start: tuple[int, int] | None = None  # the resumed epoch's, until it begins
         self._last_backup_step = 0
+        self._input = pipeline.UNKNOWN
 
     @property
     def restored(self) -> Manifest | None:
@@ -77,15 +80,16 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         _require_single_worker(self.model)
         _FirstSteps.remove(self.model)  # left by a fit that raised before its first steps ended
+        self._input = pipeline.inspect_fit_input()
         self._state = KerasTrainingState(self.model)
-        self._resume_start_step = None
-        if self.model.built:
-            self._restore()
-            return
-        # Without a strategy, fit builds the model in its first step: restore then (before that
-        # step trains), but tell fit now at which epoch to start, from the manifest.
-        peeked = self._lifecycle.slot.read_manifest()
-        if peeked is None:
+        self._resume_start = None
+        # Without a strategy, fit builds the model in its first step. To restore now, before the input
+        # draws the epoch's order, build it as fit does under a strategy; where the input's structure is
+        # unknown, restore at the first step (before it trains), but tell fit now where to start.
+        peeked = None if self.model.built else self._lifecycle.slot.read_manifest()
+        if peeked is not None and self._input.element_spec is not None:
+            self.model._symbolic_build(data_batch=self._input.element_spec)
+        if self.model.built or peeked is None:
             self._restore()
         else:
             self._resume_at(peeked)
@@ -110,54 +114,67 @@ class BackupAndRestore(keras.callbacks.Callback):
             )
         if manifest is None:
             return 0
+        skip = self._state.restored_batch_in_epoch  # batches, not optimizer steps (gradient accumulation)
+        steps, batches = self._state.position
+        self._resume_start = (steps - manifest.step_in_epoch, batches - skip)
         if iterator is None:  # else on_train_begin did it from the same manifest
             self._resume_at(manifest)
-        if manifest.step_in_epoch:
+        else:  # the resumed epoch has begun
+            self._epoch_start, self._resume_start = self._resume_start, None
+        self._report_input(manifest, skip)
+        if not skip:
+            return 0
+        if iterator is None:
+            _FirstSteps(model, lambda iterator: self._continue_epoch(iterator, manifest, skip))
+            return skip
+        return self._continue_epoch(iterator, manifest, skip)
+
+    def _continue_epoch(self, iterator: Any, manifest: Manifest, skip: int) -> int:
+        """At the resumed epoch's first step (``fit`` has reset the metrics): put the metrics'
+        accumulators back, so the epoch's mean loss counts the batches trained before the backup;
+        return how many batches to skip."""
+        compile_metrics = getattr(self.model, "_compile_metrics", None)
+        if compile_metrics is not None and not compile_metrics.built:  # fit builds them in this step
+            self.model._symbolic_build(data_batch=iterator.element_spec)
+        assert self._state is not None
+        if not self._state.restore_metrics():
             log.warning(
-                "Resuming inside epoch %d: its first %d batch(es) were trained before the backup and are "
-                "skipped now (read from the input, not trained on). The data position is exact only if the "
-                "input yields the same batches each epoch (no reshuffling, not one iterator over epochs).",
-                manifest.epoch, manifest.step_in_epoch,
+                "The metrics of the backup do not match the compiled metrics; the metrics that fit reports "
+                "for epoch %d cover only its batches after the resume.", manifest.epoch,
             )
-            if iterator is None:
-                _FirstSteps(model, lambda iterator: manifest.step_in_epoch)
-        return manifest.step_in_epoch
+        return skip
+
+    def _report_input(self, manifest: Manifest, skip: int) -> None:
+        """Say once whether the resumed run reads the data in the uninterrupted run's order."""
+        assert self._state is not None
+        seeds = self._state.restored_tf_seed, rng.tf_global_seed()
+        log.log(*self._input.resume_message(manifest.epoch, skip, *seeds))
 
     def _resume_at(self, manifest: Manifest) -> None:
         # fit reads `self._initial_epoch or initial_epoch` right after on_train_begin; _Epoch(0) is true.
         self.model._initial_epoch = _Epoch(manifest.epoch)
         self._epoch = manifest.epoch
-        self._resume_start_step = manifest.global_step - manifest.step_in_epoch
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
-        if self._resume_start_step is not None and epoch == self._epoch:
-            self._epoch_start_step = self._resume_start_step
+        if self._resume_start is not None and epoch == self._epoch:
+            self._epoch_start = self._resume_start
         else:
-            self._epoch_start_step = self._state.global_step if self._state else 0
-        self._resume_start_step = None
+            self._epoch_start = self._state.position if self._state else (0, 0)
+        self._resume_start = None
         self._epoch = epoch
+        if self._state is not None:
+            self._state.epoch_began()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._state is None or self._options.per_epoch:
             return
-        step = self._state.global_step
-        if self._options.step_backup_due(step, self._last_backup_step):
-            in_epoch = step - self._epoch_start_step
-            steps = self.params.get("steps")
-            done = bool(steps) and in_epoch >= steps  # the epoch's last batch: record it as an epoch end
-            counters = Counters(self._epoch + 1, 0, step) if done else Counters(self._epoch, in_epoch, step)
-            self._backup(counters)
+        if self._options.step_backup_due(self._state.global_step, self._last_backup_step):
+            self._backup(ended=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._state is None or not self._options.per_epoch:
-            return
-        step = self._state.global_step
-        in_epoch, steps = step - self._epoch_start_step, self.params.get("steps")
-        if self.model.stop_training and steps and in_epoch < steps:  # stopped mid-epoch
-            self._backup(Counters(epoch, in_epoch, step))
-        else:
-            self._backup(Counters(epoch + 1, 0, step))
+        if self._state is not None and self._options.per_epoch:
+            self._backup(ended=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
@@ -165,11 +182,19 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._state = None
         self._lifecycle.finish(success=True)
 
-    def _backup(self, counters: Counters) -> None:
+    def _backup(self, ended: bool) -> None:
+        """Back up now: at a batch end, or at the epoch's end (``ended``; maybe stopped inside it)."""
         assert self._state is not None
-        self._state.record(counters)
+        step, batches = self._state.position
+        in_steps, in_batches = step - self._epoch_start[0], batches - self._epoch_start[1]
+        total = self.params.get("steps")
+        if (total and in_batches >= total) or (ended and not (self.model.stop_training and total)):
+            counters, in_batches = Counters(self._epoch + 1, 0, step), 0  # the epoch's last batch
+        else:
+            counters = Counters(self._epoch, in_steps, step)
+        self._state.record(counters, in_batches)
         self._lifecycle.backup(self._state, counters)
-        self._last_backup_step = counters.global_step
+        self._last_backup_step = step
 
 
 class _Epoch(int):
@@ -183,7 +208,8 @@ class _FirstSteps:
     """Stands in for ``model.train_function`` during the first steps of a resumed ``fit``.
 
     Its first call runs ``prepare(iterator)`` (a restore that had to wait for the model to be
-    built), which returns how many batches the backup had already trained in this epoch. ``fit``
+    built, or the metrics' accumulators put back after ``fit`` reset them for the resumed epoch),
+    which returns how many batches the backup had already trained in this epoch. ``fit``
     calls ``model.train_function(iterator)`` once per ``steps_per_execution`` batches; each call
     here then reads that many batches without training and returns the (reset) metrics, until the
     count is reached and the model's own function is put back. If ``steps_per_execution`` changed

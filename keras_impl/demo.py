@@ -1,11 +1,13 @@
 """The Keras demo worker: trains the demo model with ``BackupAndRestore`` and reports events.
 
 ``python -m keras_impl.demo --backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
-[--batch-sleep 0.0] [--save-freq epoch|N]``
+[--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]``
 
 Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json.
 Run it again with the same ``--backup-dir`` after a kill, and it resumes; the final weights equal
-those of an uninterrupted run.
+those of an uninterrupted run. ``--shuffle`` reshuffles the samples at every epoch's start (a
+``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``);
+``--dropout RATE`` adds a Dropout layer after the hidden one: the result is still bit-identical.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
+    parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
+    parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
     return parser.parse_args(argv)
 
 
@@ -64,9 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = rs.normal(size=(256, 4)).astype(np.float32)
     y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
 
-    model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
-    )
+    class Reshuffled(keras.utils.PyDataset):
+        """The samples in batches of 16, in a new order drawn from ``np.random`` at each epoch's start."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.order = np.arange(len(x))
+
+        def __len__(self) -> int:
+            return len(x) // 16
+
+        def on_epoch_begin(self) -> None:
+            self.order = np.random.permutation(len(x))
+
+        def __getitem__(self, index: int) -> tuple[Any, Any]:
+            rows = self.order[index * 16:(index + 1) * 16]
+            return x[rows], y[rows]
+
+    layers = [keras.Input((4,)), keras.layers.Dense(16, activation="relu")]
+    if args.dropout:
+        layers.append(keras.layers.Dropout(args.dropout, seed=args.seed))
+    model = keras.Sequential([*layers, keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     backup = BackupAndRestore(args.backup_dir, save_freq=args.save_freq)
     epochs_run: list[int] = []
@@ -89,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             emit("epoch", epoch=epoch)
 
-    model.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[backup, Events()])
+    data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
+    model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])
     emit("done", backups=backup.stats.backups, backup_seconds=round(backup.stats.seconds, 4),
          epochs_run=len(epochs_run))
     weights = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in model.get_weights()])

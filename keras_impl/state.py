@@ -1,27 +1,37 @@
 """The Keras training state: fingerprint, save and load through ``tf.train.Checkpoint``.
 
-One ``tf.train.CheckpointManager`` writes the model's variables, the optimizer (with its step
-counter) and the epoch counters into the folder the core hands over, so weights and counters are
-committed together. Loading reads the counters first and checks them against the manifest, then
-restores everything and checks that every live object was matched.
+One ``tf.train.CheckpointManager`` writes the model's variables (the Dropout seed generators'
+states included), the optimizer (with its step counter) and the epoch counters into the folder the
+core hands over, so weights and counters are committed together. Next to it, ``resume_state.npz``
+holds the random-number generator states (:mod:`keras_impl.rng`) and the compiled metrics'
+accumulators, so that an epoch resumed in its middle reports the same mean loss. Loading reads the
+counters first and checks them against the manifest, then restores everything and checks that every
+live object was matched.
 """
 
 from __future__ import annotations
 
 import errno
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from keras_impl import rng
 from unified_backup import Counters, Manifest
 from unified_backup.errors import BackupWriteError, CorruptBackupError, IncompatibleBackupError
 from unified_backup.fingerprint import describe
 
 _COUNTER_KEYS = {name: f"{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in ("epoch", "step_in_epoch")}
+_BATCH_KEY = "batch_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"
 _UNIQUIFIED = re.compile(r"^(.*?)(?:_(\d+))?$")
+EXTRA_FILE = "resume_state.npz"
+_METRICS = "metrics/"
+_HOST = ("python_random/", "numpy_random/")
 
 
 class KerasTrainingState:
@@ -39,7 +49,13 @@ class KerasTrainingState:
         with tf.init_scope():
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._built_checkpoint: tf.train.Checkpoint | None = None
+        self._epoch_start_host = rng.capture_host()
+        self._extra: rng.Arrays = {}
+        self._restored_metrics: rng.Arrays = {}
+        self.restored_tf_seed: int | None = None
+        self.restored_batch_in_epoch = 0
 
     @property
     def _checkpoint(self) -> tf.train.Checkpoint:
@@ -53,12 +69,21 @@ class KerasTrainingState:
                 model_variables=list(self.model.variables),
                 epoch=self._epoch,
                 step_in_epoch=self._step_in_epoch,
+                batch_in_epoch=self._batch_in_epoch,
             )
         return self._built_checkpoint
 
     @property
     def global_step(self) -> int:
         return int(self.optimizer.iterations.numpy())
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(optimizer steps, training batches) so far; they differ under gradient accumulation."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # e.g. LossScaleOptimizer
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            return self.global_step, int(optimizer._iterations.numpy())  # counts batches
+        return self.global_step, self.global_step
 
     def fingerprint(self) -> dict[str, str]:
         """``model/<path>`` and ``optimizer/<path>`` of every variable, plus ``optimizer/class``.
@@ -83,10 +108,25 @@ class KerasTrainingState:
         found["optimizer/class"] = type(self.optimizer).__name__
         return found
 
-    def record(self, counters: Counters) -> None:
-        """Set the counters that the next :meth:`save` writes along with the weights."""
+    def epoch_began(self) -> None:
+        """Note the host generators as an epoch starts, before its input pipeline draws the order."""
+        self._epoch_start_host = rng.capture_host()
+
+    def record(self, counters: Counters, batch_in_epoch: int | None = None) -> None:
+        """Set what the next :meth:`save` writes along with the weights: counters, RNGs, metrics.
+
+        ``batch_in_epoch``: the epoch's batches trained (default: ``counters.step_in_epoch``; more
+        under gradient accumulation), which a resume skips. Inside an epoch the host generators are
+        those of the epoch's start (the resumed epoch draws its order again and replays the skipped
+        batches' draws); at an epoch end, the current ones.
+        """
+        batches = counters.step_in_epoch if batch_in_epoch is None else batch_in_epoch
         self._epoch.assign(counters.epoch)
         self._step_in_epoch.assign(counters.step_in_epoch)
+        self._batch_in_epoch.assign(batches)
+        host = self._epoch_start_host if batches else rng.capture_host()
+        metrics = {f"{_METRICS}{path}": value for path, value in _metric_values(self.model).items()}
+        self._extra = {**host, **rng.capture_device(), **metrics}
 
     def save(self, directory: Path) -> None:
         try:
@@ -95,17 +135,21 @@ class KerasTrainingState:
             raise BackupWriteError(
                 errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
             ) from exc
+        arrays = self._extra or {**rng.capture_host(), **rng.capture_device()}
+        np.savez(directory / EXTRA_FILE, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
 
     def load(self, directory: Path, manifest: Manifest) -> None:
         prefix = _checkpoint_prefix(directory)
         try:
             reader = tf.train.load_checkpoint(prefix)
             stored = {name: int(reader.get_tensor(key)) for name, key in _COUNTER_KEYS.items()}
+            batch_in_epoch = int(reader.get_tensor(_BATCH_KEY))
         except (tf.errors.OpError, ValueError, IndexError) as exc:
             raise CorruptBackupError(
                 f"The checkpoint {prefix} cannot be read ({exc}). Expected the checkpoint that the "
                 "manifest's checksums vouch for; nothing was loaded. Delete the backup to start fresh."
             ) from exc
+        extra = _read_extra(directory / EXTRA_FILE)
         expected = {"epoch": manifest.epoch, "step_in_epoch": manifest.step_in_epoch}
         if stored != expected:
             raise CorruptBackupError(
@@ -129,6 +173,31 @@ class KerasTrainingState:
                 f"The optimizer's step counter restored from {prefix} is {self.global_step}, but the "
                 f"manifest says global_step={manifest.global_step}. Delete the backup to start fresh."
             )
+        rng.restore_device(extra)  # first: creating Keras's global seed generator draws from `random`
+        rng.restore_host(extra)
+        self._epoch_start_host = {k: v for k, v in extra.items() if k.startswith(_HOST)}
+        self.restored_batch_in_epoch = batch_in_epoch
+        self.restored_tf_seed = rng.stored_tf_seed(extra)
+        self._restored_metrics = {k[len(_METRICS):]: v for k, v in extra.items() if k.startswith(_METRICS)}
+
+    def restore_metrics(self) -> bool:
+        """Put back the compiled metrics' accumulators of a backup made inside an epoch.
+
+        Call it once ``fit`` has reset the metrics for the resumed epoch and built them. Returns False
+        (and restores nothing) when the metrics differ from those backed up.
+        """
+        saved, self._restored_metrics = self._restored_metrics, {}
+        variables = list(self.model.metrics_variables)
+        paths = canonical_paths(v.path for v in variables)
+        live = {paths[v.path]: _components(v) for v in variables}
+        if not saved or set(saved) != set(live) or any(
+            saved[path].shape != (len(parts), *parts[0].shape) for path, parts in live.items()
+        ):
+            return False
+        for path, parts in live.items():
+            for part, value in zip(parts, saved[path], strict=True):
+                part.assign(value)
+        return True
 
 
 def canonical_paths(paths: Iterable[str]) -> Mapping[str, str]:
@@ -152,6 +221,37 @@ def canonical_paths(paths: Iterable[str]) -> Mapping[str, str]:
             parts.append(renamed[part])
         result[path] = "/".join(parts)
     return result
+
+
+def _components(variable: keras.Variable) -> list[tf.Variable]:
+    """The per-replica parts of a metric variable (one part without a distribution strategy)."""
+    value = variable.value
+    return list(getattr(value, "values", None) or [value])
+
+
+def _metric_values(model: keras.Model) -> dict[str, np.ndarray]:
+    """Each metric variable's per-replica values, stacked (metrics sum over replicas when read)."""
+    variables = list(model.metrics_variables)
+    paths = canonical_paths(v.path for v in variables)
+    return {paths[v.path]: np.stack([np.asarray(part) for part in _components(v)]) for v in variables}
+
+
+def _read_extra(path: Path) -> rng.Arrays:
+    """The arrays of ``resume_state.npz``; never unpickles."""
+    if not path.exists():
+        raise CorruptBackupError(
+            f"{path} is missing. Expected the random-number generator and metric state saved with every "
+            "checkpoint (a backup written before unified-backup saved it cannot be resumed exactly); nothing "
+            "was loaded. Delete the backup to start fresh."
+        )
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CorruptBackupError(
+            f"{path} cannot be read ({exc}). Expected the RNG and metric state written with the checkpoint; "
+            "nothing was loaded. Delete the backup to start fresh."
+        ) from exc
 
 
 def _checkpoint_prefix(directory: Path) -> str:

@@ -9,8 +9,12 @@ Verified against lightning / pytorch-lightning 2.6.
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from unified_backup.errors import BackupError
 
@@ -73,3 +77,141 @@ def mark_epoch_closed(checkpoint: dict[str, Any]) -> None:
             )
         counters["ready"] = counters["processed"]
         counters["completed"] = counters["processed"] - 1
+
+
+# -- the training data of the epoch in progress -----------------------------------------------
+def train_loaders(trainer: Any) -> list[Any]:
+    """The training loaders, flattened (``trainer.train_dataloader`` keeps the user's nesting)."""
+    combined = trainer.fit_loop._combined_loader
+    return list(combined.flattened) if combined is not None else []
+
+
+def epoch_length(trainer: Any) -> int | None:
+    """How many batches the training iterator yields in one epoch, or None when it has no length."""
+    combined = trainer.fit_loop._combined_loader
+    try:
+        length = len(combined) if combined is not None else None
+    except (TypeError, NotImplementedError, RuntimeError):
+        return None
+    return None if length is None or math.isinf(length) else int(length)
+
+
+def iterator_made_after_epoch_start(trainer: Any) -> bool:
+    """Whether this epoch's training iterator is made after ``on_train_epoch_start``.
+
+    The condition of ``_TrainingEpochLoop.on_run_start``; otherwise the iterator is the one that
+    ``FitLoop.setup_data`` made before ``on_train_start`` (the first epoch of a ``fit``).
+    """
+    fit_loop = trainer.fit_loop
+    return trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting
+
+
+def validation_follows(trainer: Any) -> bool:
+    """In ``on_train_batch_end``: whether Lightning runs a validation right after this batch."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def restart_epoch_data(trainer: Any) -> None:
+    """Make the epoch's training iterator again, as ``_TrainingEpochLoop.on_run_start`` does.
+
+    The samplers are told the epoch first (``DistributedSampler`` shuffles by it), as
+    ``FitLoop.on_advance_start`` does before each epoch.
+    """
+    for loader in train_loaders(trainer):
+        samplers = {
+            id(s): s
+            for s in (
+                getattr(loader, "sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+            )
+        }
+        for sampler in samplers.values():
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(trainer.current_epoch)
+    iter(trainer.fit_loop._data_fetcher)
+
+
+def skip_batches(trainer: Any, count: int) -> None:
+    """Read and drop the epoch's next ``count`` training batches, below Lightning's fetcher.
+
+    The fetcher's own count stays at 0: ``_TrainingEpochLoop.on_run_start`` adds the restored
+    batch progress to it, and the epoch ends after its remaining batches.
+    """
+    combined = trainer.fit_loop._combined_loader
+    for _ in range(count):
+        next(combined)
+
+
+class QuietNotResumableWarning:
+    """Silence Lightning's "your dataloader is not resumable" warning while a positioned resume starts.
+
+    ``_TrainingEpochLoop.reset`` emits it for every mid-epoch restart of a loader without
+    ``state_dict``; after ``skip_batches`` it is wrong. Entered in ``on_train_start``, left at the
+    first ``on_train_batch_start`` (``warnings.catch_warnings`` restores the filters as they were).
+    """
+
+    _MESSAGE = "You're resuming from a checkpoint that ended before the epoch ended"
+
+    def __init__(self) -> None:
+        self._context: Any = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.filterwarnings("ignore", message=self._MESSAGE)
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+
+# -- the epoch's aggregated ``self.log(..., on_epoch=True)`` values ---------------------------------
+def _training_results(trainer: Any) -> dict[str, Any]:
+    return trainer.fit_loop.epoch_loop._results
+
+
+def epoch_aggregates(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The running sums (or extremes) of the values logged with ``on_epoch=True`` in this epoch so far.
+
+    Lightning does not save them: without them, the epoch-end value of an epoch resumed in its
+    middle would aggregate only the batches run after the resume.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, metric in _training_results(trainer).items():
+        if metric.is_tensor and metric.meta.on_epoch and metric.update_called:
+            entry = {"value": metric.value.detach().cpu().clone()}
+            if metric.meta.is_mean_reduction:
+                entry["cumulated_batch_size"] = metric.cumulated_batch_size.detach().cpu().clone()
+            out[key] = entry
+    return out
+
+
+def fold_epoch_aggregates(trainer: Any, saved: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Add the aggregates saved before the resume into the ones of the first batch after it.
+
+    Called once each value holds exactly one batch's update (``0 + x``), this gives
+    ``saved + x``: the very operation, in the same order, that the uninterrupted run made.
+    Returns the keys that were folded.
+    """
+    results = _training_results(trainer)
+    folded = []
+    for key, entry in saved.items():
+        metric = results.get(key)
+        if metric is None or not metric.is_tensor or not metric.update_called:
+            continue
+        meta, value = metric.meta, entry["value"].to(metric.value.device)
+        if meta.is_mean_reduction:
+            metric.value = value + metric.value
+            metric.cumulated_batch_size = (
+                entry["cumulated_batch_size"].to(metric.cumulated_batch_size.device)
+                + metric.cumulated_batch_size
+            )
+        elif meta.is_sum_reduction:
+            metric.value = value + metric.value
+        elif meta.is_max_reduction or meta.is_min_reduction:
+            metric.value = meta.reduce_fx(value, metric.value)
+        else:
+            continue
+        metric._computed = None  # torchmetrics caches compute()
+        folded.append(key)
+    return folded

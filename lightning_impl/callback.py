@@ -7,8 +7,9 @@ Hook -> lifecycle::
 
     on_fit_start          start(state): lock, verify, check the fingerprint, load model, datamodule and
                           callbacks; Lightning restores optimizers, LR schedulers and loops right after
-    on_train_start        the restore is done: warn if a mid-epoch resume cannot restore the data position
-    on_train_batch_end    save_freq=N: backup() once N optimizer steps have run since the last backup
+    on_train_start        the restore is done: a mid-epoch resume positions the data (see exact.py)
+    on_train_batch_end    save_freq=N: backup() once N optimizer steps have run since the last backup ...
+    on_validation_end     ... or here, when a validation runs right after that batch (see below)
     on_train_epoch_end    save_freq="epoch": the epoch's backup is now due ...
     on_train_epoch_start  ... and taken here, or in on_train_end after the last epoch: once the epoch is
     on_train_end          closed (see below)
@@ -21,6 +22,13 @@ backup taken there misses the epoch's early-stopping check and plateau step, and
 trains one epoch more than an uninterrupted one. The backup of a closed epoch is saved with the
 epoch counters that a checkpoint from ``on_train_epoch_end`` carries (``_private.mark_epoch_closed``),
 so that Lightning resumes it at the first batch of the next epoch.
+
+Why a step backup waits for a validation that follows its batch: Lightning resumes a checkpoint
+from ``on_train_batch_end`` as if that validation had run, and skips it; a backup taken before it
+would leave the validation's random draws, and its hooks' state, out of the resumed run.
+
+Random-number states, the data position and the epoch's logged aggregates (``exact.py``) travel in
+the same checkpoint, under the ``"unified_backup"`` key, so that a resumed run changes nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 from lightning_impl import _private
 from lightning_impl.coordinator import LightningCoordinator
+from lightning_impl.exact import ExactResume
 from lightning_impl.state import LightningState
 from unified_backup.coordinator import SingleProcess
 from unified_backup.errors import UnsupportedEnvironmentError
@@ -39,14 +48,7 @@ from unified_backup.manifest import Counters, Manifest
 from unified_backup.options import EPOCH, BackupOptions
 
 log = logging.getLogger(__name__)
-_DATA_POSITION = (
-    "Resuming in the middle of epoch %d (after %d of its optimizer steps), but the position of the "
-    "training DataLoader is not restored: Lightning starts it again from its first batch and runs only the "
-    "batches left in the epoch, so in this epoch the first batches are seen twice and the last ones not "
-    "at all. Use save_freq='epoch' for an exact resume, or a resumable loader (with state_dict and "
-    "load_state_dict, e.g. torchdata's StatefulDataLoader)."
-)
-_KEY = "unified_backup"  # our entry in the checkpoints we write: {"should_stop": bool}
+_KEY = "unified_backup"  # our entry in the checkpoints we write: {"should_stop": bool, **ExactResume.entry}
 
 
 def _ignore_phase(name: str) -> None:
@@ -80,10 +82,14 @@ class BackupAndRestoreMixin:
         self._state: LightningState | None = None
         self._close_pending = False  # an epoch ended (or a due step backup hit its last batch)
         self._saving: str | None = None  # "close" or "step" while our own save runs
+        self._saving_batches = 0  # with "step": the training batches the epoch has consumed
+        self._after_validation: tuple[Counters, int] | None = None  # a step backup waiting for validation
         self._loading = False  # our own load is running
         self._user_ckpt_path: Any = None
         self._last_backup_step = 0
         self._epoch_first_step = 0
+        self._exact = ExactResume()
+        self._coordinator: LightningCoordinator | None = None
 
     backup_dir = property(lambda self: self._options.backup_dir)
     save_freq = property(lambda self: self._options.save_freq)
@@ -110,9 +116,11 @@ class BackupAndRestoreMixin:
                 "such a strategy, or remove BackupAndRestore and use Lightning's ModelCheckpoint."
             )
         self._state = LightningState(trainer, self._framework_version)
-        self._lifecycle.coordinator = LightningCoordinator(trainer)
+        self._coordinator = LightningCoordinator(trainer)
+        self._lifecycle.coordinator = self._coordinator
         self._user_ckpt_path = trainer.ckpt_path
         self._close_pending = False
+        self._exact.fit_start()
         self._loading = True
         try:
             restored = self._lifecycle.start(self._state)
@@ -129,25 +137,38 @@ class BackupAndRestoreMixin:
         restored = self.restored
         if restored is not None:
             _private.set_ckpt_path(trainer, self._user_ckpt_path)
-            if restored.step_in_epoch and not _loaders_are_resumable(trainer.train_dataloader):
-                log.warning(_DATA_POSITION, restored.epoch, restored.step_in_epoch)
+            self._exact.train_start(trainer, str(self.backup_dir))
         self._last_backup_step = trainer.global_step
         self._epoch_first_step = trainer.global_step - (restored.step_in_epoch if restored else 0)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._exact.epoch_start(trainer, str(self.backup_dir))
         self._back_up_closed_epoch(trainer)
         self._epoch_first_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._exact.batch_start()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._exact.batch_end(trainer)
         step = trainer.global_step
         if not self._options.step_backup_due(step, self._last_backup_step):
             return
         if batch_idx + 1 >= trainer.num_training_batches:
             self._close_pending = True  # the epoch's last batch: back up once the epoch is closed
         else:
-            self._back_up(trainer, Counters(trainer.current_epoch, step - self._epoch_first_step, step))
+            counters = Counters(trainer.current_epoch, step - self._epoch_first_step, step)
+            if _private.validation_follows(trainer):
+                self._after_validation = (counters, batch_idx + 1)
+            else:
+                self._back_up(trainer, counters, batches=batch_idx + 1)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._after_validation is not None and not trainer.sanity_checking:
+            (counters, batches), self._after_validation = self._after_validation, None
+            self._back_up(trainer, counters, batches=batches)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._options.per_epoch:
@@ -163,14 +184,21 @@ class BackupAndRestoreMixin:
         self._finish(success=False)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self._saving is None:
+            return
         if self._saving == "close":
             _private.mark_epoch_closed(checkpoint)
-        if self._saving:
-            checkpoint[_KEY] = {"should_stop": bool(trainer.should_stop)}
+        assert self._coordinator is not None, "on_fit_start did not run"
+        exact = self._exact.entry(trainer, self._coordinator.gather, self._saving_batches)
+        checkpoint[_KEY] = {"should_stop": bool(trainer.should_stop), **exact}
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        if self._loading and checkpoint.get(_KEY, {}).get("should_stop"):
+        if not self._loading:
+            return
+        entry = checkpoint.get(_KEY, {})
+        if entry.get("should_stop"):
             trainer.should_stop = True  # an early-stopped run resumes as stopped instead of training on
+        self._exact.load(trainer, entry, str(self.backup_dir))
 
     # -- helpers -----------------------------------------------------------------------------
     def _back_up_closed_epoch(self, trainer: Any) -> None:
@@ -179,9 +207,9 @@ class BackupAndRestoreMixin:
         self._close_pending = False
         self._back_up(trainer, Counters(trainer.current_epoch, 0, trainer.global_step), "close")
 
-    def _back_up(self, trainer: Any, counters: Counters, kind: str = "step") -> None:
+    def _back_up(self, trainer: Any, counters: Counters, kind: str = "step", batches: int = 0) -> None:
         assert self._state is not None, "on_fit_start did not run"
-        self._saving = kind
+        self._saving, self._saving_batches = kind, batches
         try:
             self._lifecycle.backup(self._state, counters)
         finally:
@@ -193,18 +221,9 @@ class BackupAndRestoreMixin:
             self._lifecycle.finish(success)
         finally:
             self._lifecycle.coordinator = SingleProcess()
+            self._coordinator = None
             self._state = None
             self._user_ckpt_path = None
             self._close_pending = False
-
-
-def _loaders_are_resumable(loaders: Any) -> bool:
-    """Whether Lightning saves and restores the position of every training loader (its ``_Stateful`` test)."""
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    elif not isinstance(loaders, (list, tuple)):
-        loaders = [loaders]
-    return all(
-        callable(getattr(dl, "state_dict", None)) and callable(getattr(dl, "load_state_dict", None))
-        for dl in loaders
-    )
+            self._after_validation = None
+            self._exact.close()

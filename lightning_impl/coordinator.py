@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -30,3 +32,18 @@ class LightningCoordinator:
 
     def broadcast(self, value: T) -> T:
         return self._trainer.strategy.broadcast(value, src=0)
+
+    def any(self, flag: bool) -> bool:
+        return bool(self._trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order (a one-element list in a single process).
+
+        Used for the per-process state that rank 0 writes for all (random-number states).
+        """
+        world = int(self._trainer.world_size)
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            out: list[Any] = [None] * world
+            torch.distributed.all_gather_object(out, value)
+            return out
+        return [value]

@@ -1,8 +1,13 @@
 """The Lightning demo worker: ``python -m lightning_impl.demo --backup-dir DIR --out OUT.json``.
 
+``[--epochs 10] [--seed 0] [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]``
+
 Trains the demo MLP with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines on stdout
 (start, one per closed epoch, done); writes the final weights to ``--out`` on success. Used by
-``unified-backup demo`` and by the SIGKILL conformance scenario.
+``unified-backup demo`` and by the SIGKILL conformance scenario. ``--shuffle`` reshuffles the
+samples every epoch (``DataLoader(shuffle=True)``, drawing from torch's global generator);
+``--dropout RATE`` adds a Dropout layer after the hidden one: a killed and resumed run still ends
+bit-identical to an uninterrupted one, with ``--save-freq N`` too.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -29,13 +35,18 @@ def emit(event: str, **fields: Any) -> None:
 
 
 class DemoModel(L.LightningModule):
-    """MLP 4 -> 16 (ReLU) -> 1, Adam lr 1e-2, MSE, on 256 fixed samples in batches of 16."""
+    """MLP 4 -> 16 (ReLU) [-> Dropout] -> 1, Adam lr 1e-2, MSE, on 256 fixed samples in batches of 16."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, shuffle: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        self.seed = seed
+        self.seed, self.shuffle = seed, shuffle
         torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        np.random.seed(seed)
+        random.seed(seed)
+        layers: list[torch.nn.Module] = [torch.nn.Linear(4, 16), torch.nn.ReLU()]
+        if dropout:
+            layers.append(torch.nn.Dropout(dropout))
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(16, 1))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -49,7 +60,7 @@ class DemoModel(L.LightningModule):
         x = rs.normal(size=(256, 4)).astype(np.float32)
         y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
         dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-        return torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)
+        return torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=self.shuffle)
 
 
 class Events(L.Callback):
@@ -94,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     parser.add_argument("--save-freq", default="epoch", help="'epoch' or a number of optimizer steps")
+    parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
+    parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
     return parser.parse_args(argv)
 
 
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     save_freq: str | int = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     backup = BackupAndRestore(args.backup_dir, save_freq=save_freq)
     events = Events(backup, args.batch_sleep)
-    model = DemoModel(args.seed)
+    model = DemoModel(args.seed, shuffle=args.shuffle, dropout=args.dropout)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         callbacks=[backup, events],

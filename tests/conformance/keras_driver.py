@@ -1,7 +1,15 @@
-"""The conformance driver for Keras 3 on TensorFlow (see ``driver.py`` for the contract of each method)."""
+"""The conformance driver for Keras 3 on TensorFlow (see ``driver.py`` for the contract of each method).
+
+``shuffle=True`` feeds the documented exact reshuffling input: a ``keras.utils.PyDataset`` that
+draws a new sample order from NumPy's global generator at every epoch's start, read with
+``fit(shuffle=True)`` (Keras then also shuffles the batch order with Python's ``random``). Numpy
+arrays with ``fit(shuffle=True)`` draw their order from TensorFlow's global seed, which a restore
+cannot override, so a job restarted with another ``seed`` would read another order.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +32,38 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+class Reshuffled(keras.utils.PyDataset):
+    """``x, y`` in batches of ``batch``, in a new order drawn from ``np.random`` at each epoch's start."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+        super().__init__()
+        self.x, self.y, self.batch = x, y, batch
+        self.order = np.arange(len(x))
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch)
+
+    def on_epoch_begin(self) -> None:
+        self.order = np.random.permutation(len(self.x))
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[index * self.batch:(index + 1) * self.batch]
+        return self.x[rows], self.y[rows]
+
+
+@dataclasses.dataclass
+class KerasRun:
+    model: keras.Model
+    seed: int
+    shuffle: bool
+
+
 class _Interrupt(keras.callbacks.Callback):
-    """Raises ``RuntimeError("interrupt")`` before batch ``b`` of epoch ``e``, or at the end of fit."""
+    """Raises ``RuntimeError("interrupt")`` before batch ``b`` of epoch ``e``, or at the end of fit.
+
+    Under ``steps_per_execution=k``, fit runs batches k at a time: it raises before the execution
+    that would train batch ``b``.
+    """
 
     def __init__(self, at: Interrupt) -> None:
         super().__init__()
@@ -36,7 +74,8 @@ class _Interrupt(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        if isinstance(self.at, tuple) and (self.epoch, batch) == self.at:
+        per_call = self.model.steps_per_execution
+        if isinstance(self.at, tuple) and self.epoch == self.at[0] and batch <= self.at[1] < batch + per_call:
             raise RuntimeError("interrupt")
 
     def on_train_end(self, logs: Any = None) -> None:
@@ -45,33 +84,48 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 class _EpochRecorder(keras.callbacks.Callback):
+    """The epochs that begin, and each ended epoch's mean loss as ``fit`` reports it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.epochs: list[int] = []
+        self.losses: dict[int, float] = {}
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epochs.append(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.losses[epoch] = float(logs["loss"])
 
 
 class KerasDriver:
     name = "keras"
 
-    def new_run(self, *, seed: int = 0, width: int = 8, optimizer: str = "adam") -> keras.Model:
+    def new_run(
+        self,
+        *,
+        seed: int = 0,
+        width: int = 8,
+        optimizer: str = "adam",
+        shuffle: bool = False,
+        dropout: float = 0.0,
+        lr_schedule: bool = False,
+        accumulate: int = 1,
+    ) -> KerasRun:
         init = keras.initializers.GlorotUniform
-        model = keras.Sequential(
-            [
-                keras.Input((4,)),
-                keras.layers.Dense(width, activation="relu", kernel_initializer=init(seed)),
-                keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
-            ]
-        )
-        opt = keras.optimizers.Adam(1e-2) if optimizer == "adam" else keras.optimizers.SGD(1e-2, momentum=0.9)
-        model.compile(optimizer=opt, loss="mse")
-        return model
+        layers = [keras.Input((4,)), keras.layers.Dense(width, "relu", kernel_initializer=init(seed))]
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout, seed=seed))
+        layers.append(keras.layers.Dense(1, kernel_initializer=init(seed + 1000)))
+        model = keras.Sequential(layers)
+        lr: Any = keras.optimizers.schedules.ExponentialDecay(1e-2, 4, 0.9) if lr_schedule else 1e-2
+        opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr, momentum=0.9)
+        model.compile(optimizer=opt, loss="mse", steps_per_execution=accumulate)
+        return KerasRun(model, seed, shuffle)
 
     def fit(
         self,
-        run: keras.Model,
+        run: KerasRun,
         backup_dir: Path | None,
         *,
         epochs: int,
@@ -88,24 +142,42 @@ class KerasDriver:
         backup = BackupAndRestore(backup_dir, save_freq=save_freq) if backup_dir is not None else None
         if backup is not None:
             callbacks.append(backup)  # a new instance per fit, as in a restarted job
+        keras.utils.set_random_seed(run.seed)  # as a restarted job's script does; a restore overrides it
         x, y = data()
+        inputs: dict[str, Any] = {"x": x, "y": y, "batch_size": BATCH}
+        if run.shuffle:
+            inputs = {"x": Reshuffled(x, y, BATCH)}
         error = None
         try:
-            run.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+            run.model.fit(**inputs, epochs=epochs, shuffle=run.shuffle, verbose=0, callbacks=callbacks)
         except Exception as exc:  # noqa: BLE001 - returned to the scenario
             error = exc
             if backup is not None:
                 # A restarted job is a new process, whose kernel dropped the old one's lock; this
                 # process goes on, so drop the lock as the process's end would (the backup stays).
                 backup._lifecycle.finish(success=False)
-        return FitResult(recorder.epochs, int(run.optimizer.iterations), error)
+        return FitResult(recorder.epochs, int(run.model.optimizer.iterations), error, recorder.losses)
 
-    def weights(self, run: keras.Model) -> list[np.ndarray]:
-        return [np.array(w) for w in run.get_weights()]
+    def weights(self, run: KerasRun) -> list[np.ndarray]:
+        return [np.array(w) for w in run.model.get_weights()]
 
-    def demo_command(self, backup_dir: Path, out: Path, *, epochs: int, batch_sleep: float) -> list[str]:
+    def optimizer_state(self, run: KerasRun) -> list[np.ndarray]:
+        """Every optimizer variable: the step counter first, then the slots, in Keras's order."""
+        return [np.array(v) for v in run.model.optimizer.variables]
+
+    def demo_command(
+        self,
+        backup_dir: Path,
+        out: Path,
+        *,
+        epochs: int,
+        batch_sleep: float,
+        save_freq: str | int = "epoch",
+        exact: bool = False,
+    ) -> list[str]:
         return [
             sys.executable, "-m", "keras_impl.demo",
             "--backup-dir", str(backup_dir), "--out", str(out),
-            "--epochs", str(epochs), "--batch-sleep", str(batch_sleep),
+            "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
+            *(["--shuffle", "--dropout", "0.2"] if exact else []),
         ]

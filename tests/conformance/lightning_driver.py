@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,40 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class Run(L.LightningModule):
-    """The standard MLP; ``seen`` records (epoch, batch_idx) of every training step, across fits."""
+def seed_all(seed: int) -> None:
+    """Seed every generator a run draws from (torch, NumPy, ``random``), as a training script would."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
-    def __init__(self, seed: int = 0, width: int = 8, optimizer: str = "adam") -> None:
+
+class Run(L.LightningModule):
+    """The standard MLP; ``seen`` records (epoch, batch_idx) of every training step, across fits.
+
+    ``accumulate`` is read by ``LightningDriver.fit`` (it is a Trainer argument); ``optimizer``
+    holds the optimizer of the last ``fit``, for ``optimizer_state``.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        width: int = 8,
+        optimizer: str = "adam",
+        shuffle: bool = False,
+        dropout: float = 0.0,
+        lr_schedule: bool = False,
+        accumulate: int = 1,
+    ) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+        seed_all(seed)
+        layers: list[torch.nn.Module] = [torch.nn.Linear(4, width), torch.nn.ReLU()]
+        if dropout:
+            layers.append(torch.nn.Dropout(dropout))
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
         self.optimizer_name = optimizer
+        self.shuffle, self.lr_schedule, self.accumulate = shuffle, lr_schedule, accumulate
         self.seen: list[tuple[int, int]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -43,28 +69,37 @@ class Run(L.LightningModule):
         self.seen.append((self.current_epoch, batch_idx))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
-        raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        elif self.optimizer_name == "sgd":
+            self.optimizer = torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+        if not self.lr_schedule:
+            return self.optimizer
+        decay = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=0.9**0.25)
+        return {"optimizer": self.optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(*data()), batch_size=BATCH, shuffle=False
+            torch.utils.data.TensorDataset(*data()), batch_size=BATCH, shuffle=self.shuffle
         )
 
 
 class _Recorder(L.Callback):
-    """Records the epochs that begin, and raises ``RuntimeError("interrupt")`` where asked."""
+    """Records the epochs that begin and their epoch-end losses; raises ``RuntimeError("interrupt")``."""
 
     def __init__(self, interrupt: Interrupt) -> None:
         self.interrupt = interrupt
         self.epochs_run: list[int] = []
+        self.losses: dict[int, float] = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epochs_run.append(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.losses[trainer.current_epoch] = float(trainer.callback_metrics["train_loss"])
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -95,8 +130,18 @@ def new_trainer(epochs: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Tr
 class LightningDriver:
     name = "lightning"
 
-    def new_run(self, *, seed: int = 0, width: int = 8, optimizer: str = "adam") -> Run:
-        return Run(seed=seed, width=width, optimizer=optimizer)
+    def new_run(
+        self,
+        *,
+        seed: int = 0,
+        width: int = 8,
+        optimizer: str = "adam",
+        shuffle: bool = False,
+        dropout: float = 0.0,
+        lr_schedule: bool = False,
+        accumulate: int = 1,
+    ) -> Run:
+        return Run(seed, width, optimizer, shuffle, dropout, lr_schedule, accumulate)
 
     def fit(
         self,
@@ -115,19 +160,45 @@ class LightningDriver:
             callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=0))
         if backup_dir is not None:
             callbacks.append(BackupAndRestore(backup_dir, save_freq=save_freq))
-        trainer = new_trainer(epochs, callbacks)
+        trainer = new_trainer(epochs, callbacks, accumulate_grad_batches=run.accumulate)
         error: BaseException | None = None
         try:
             trainer.fit(run)
         except Exception as exc:  # Lightning re-raises the original exception after its on_exception hooks
             error = exc
-        return FitResult(epochs_run=recorder.epochs_run, global_step=trainer.global_step, error=error)
+        return FitResult(
+            epochs_run=recorder.epochs_run,
+            global_step=trainer.global_step,
+            error=error,
+            losses=recorder.losses,
+        )
 
     def weights(self, run: Run) -> list[np.ndarray]:
         return [t.detach().cpu().numpy().copy() for t in run.net.state_dict().values()]
 
-    def demo_command(self, backup_dir: Path, out: Path, *, epochs: int, batch_sleep: float) -> list[str]:
-        return [
+    def optimizer_state(self, run: Run) -> list[np.ndarray]:
+        """Per parameter, in ``param_groups`` order, its state entries by name (Adam: ``exp_avg``,
+        ``exp_avg_sq``, ``step``; SGD: ``momentum_buffer``); then each group's learning rate."""
+        assert run.optimizer is not None, "fit has not run"
+        out: list[np.ndarray] = []
+        for group in run.optimizer.param_groups:
+            for param in group["params"]:
+                state = run.optimizer.state.get(param, {})
+                out.extend(torch.as_tensor(state[key]).detach().cpu().numpy().copy() for key in sorted(state))
+        out.extend(np.asarray(group["lr"], dtype=np.float64) for group in run.optimizer.param_groups)
+        return out
+
+    def demo_command(
+        self,
+        backup_dir: Path,
+        out: Path,
+        *,
+        epochs: int,
+        batch_sleep: float,
+        save_freq: str | int = "epoch",
+        exact: bool = False,
+    ) -> list[str]:
+        argv = [
             sys.executable,
             "-m",
             "lightning_impl.demo",
@@ -139,4 +210,7 @@ class LightningDriver:
             str(epochs),
             "--batch-sleep",
             str(batch_sleep),
+            "--save-freq",
+            str(save_freq),
         ]
+        return argv + (["--shuffle", "--dropout", "0.2"] if exact else [])

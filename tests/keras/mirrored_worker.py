@@ -43,9 +43,13 @@ class Epochs(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.losses = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.seen.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.losses[epoch] = float(logs["loss"])
 
 
 def model(seed):
@@ -64,7 +68,7 @@ def fit(run, callbacks):
     x, y = data()
     epochs = Epochs()
     run.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[epochs, *callbacks])
-    return epochs.seen
+    return epochs
 
 
 def flat(run):
@@ -83,7 +87,8 @@ def scenario(root: Path, save_freq, at):
     epochs = fit(resumed, [BackupAndRestore(backup_dir, save_freq=save_freq)])
     return {
         "counters": [manifest.epoch, manifest.step_in_epoch, manifest.global_step],
-        "epochs_run": epochs,
+        "epochs_run": epochs.seen,
+        "losses": epochs.losses,
         "iterations": int(resumed.optimizer.iterations.numpy()),
         "weights": flat(resumed).tolist(),
         "left": backup_dir.exists(),
@@ -92,11 +97,12 @@ def scenario(root: Path, save_freq, at):
 
 def main() -> None:
     reference = model(0)
-    fit(reference, [])
+    reference_losses = fit(reference, []).losses
     with tempfile.TemporaryDirectory() as root:
         out = {
             "replicas": strategy.num_replicas_in_sync,
             "reference": flat(reference).tolist(),
+            "reference_losses": reference_losses,
             "epoch": scenario(Path(root), "epoch", (2, 3)),
             "steps": scenario(Path(root), 3, (2, 6)),
         }

@@ -1,7 +1,10 @@
 """A 2-process DDP training on CPU (gloo), launched by Lightning itself (``strategy="ddp"``).
 
-``python -m tests.lightning.ddp_worker OUT_DIR [--backup-dir DIR] [--seed S] [--interrupt E,B]``
+``python -m tests.lightning.ddp_worker OUT_DIR [--backup-dir DIR] [--seed S] [--interrupt E,B]
+[--save-freq epoch|N] [--exact]``
 Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
+``--exact``: dropout 0.2 and shuffled data (Lightning's DistributedSampler), each rank seeded
+differently in ``setup``, so that a resume must restore every rank's own random-number states.
 Run it in a private network namespace (see test_processes.py).
 """
 
@@ -21,9 +24,14 @@ from tests.lightning.helpers import NAMESPACES, interrupter, new_model, weights
 
 
 class Report(L.Callback):
-    def __init__(self, backup: Any) -> None:
+    def __init__(self, backup: Any, seed_ranks: bool) -> None:
         self.backup = backup
+        self.seed_ranks = seed_ranks
         self.record: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.seed_ranks:  # every rank draws its own dropout masks
+            torch.manual_seed(1000 + trainer.global_rank)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restored = self.backup.restored if self.backup else None
@@ -38,10 +46,13 @@ def main() -> int:
     parser.add_argument("--backup-dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interrupt")
+    parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
+    parser.add_argument("--exact", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backup = NAMESPACES["lightning.pytorch"][1](args.backup_dir) if args.backup_dir else None
-    report = Report(backup)
+    backup_class = NAMESPACES["lightning.pytorch"][1]
+    backup = backup_class(args.backup_dir, save_freq=args.save_freq) if args.backup_dir else None
+    report = Report(backup, seed_ranks=args.exact)
     callbacks: list[Any] = [backup, report] if backup else [report]
     if args.interrupt:
         epoch, batch = map(int, args.interrupt.split(","))
@@ -57,7 +68,7 @@ def main() -> int:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = new_model(seed=args.seed)
+    model = new_model(seed=args.seed, dropout=0.2 if args.exact else 0.0, shuffle=args.exact)
     error = None
     try:
         trainer.fit(model)

@@ -1,4 +1,4 @@
-"""A small Lightning training for the adapter tests, in either namespace, with optional LR schedulers."""
+"""A small Lightning training for the adapter tests, in either namespace: LR schedulers, dropout, loaders."""
 
 from __future__ import annotations
 
@@ -14,31 +14,101 @@ import torch
 
 import lightning_impl
 import lightning_impl.pl
-from tests.conformance.lightning_driver import BATCH, data
+from tests.conformance.lightning_driver import BATCH, data, seed_all
 
 NAMESPACES: dict[str, tuple[ModuleType, type]] = {
     "lightning.pytorch": (lightning.pytorch, lightning_impl.BackupAndRestore),
     "pytorch_lightning": (pytorch_lightning, lightning_impl.pl.BackupAndRestore),
 }
-_MODELS: dict[str, type] = {}
+_MODELS: dict[tuple[str, bool], type] = {}
 
 
-def model_class(namespace: str = "lightning.pytorch") -> type:
-    """The test model as a LightningModule of ``namespace`` (one class per namespace)."""
-    if namespace not in _MODELS:
+class NoisyDataset(torch.utils.data.Dataset):
+    """The standard data with random noise added to each sample as it is read: a random augmentation.
+
+    The noise comes from torch's global generator of the process that reads the sample (the main
+    process, or a DataLoader worker).
+    """
+
+    def __init__(self) -> None:
+        self.x, self.y = data()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """The standard data as a stream, in an order drawn from torch's global generator."""
+
+    def __iter__(self) -> Any:
+        x, y = data()
+        for i in torch.randperm(len(x)).tolist():
+            yield x[i], y[i]
+
+
+def make_loader(kind: str, shuffle: bool) -> Any:
+    """A training loader of the standard data, ``BATCH`` samples a batch, of one of the kinds tested."""
+    dataset = torch.utils.data.TensorDataset(*data())
+    DataLoader = torch.utils.data.DataLoader
+    if kind == "plain":
+        return DataLoader(dataset, batch_size=BATCH, shuffle=shuffle)
+    if kind == "generator":  # the permutation is drawn from this generator, not the global one
+        return DataLoader(
+            dataset, batch_size=BATCH, shuffle=shuffle, generator=torch.Generator().manual_seed(7)
+        )
+    if kind == "noisy":
+        return DataLoader(NoisyDataset(), batch_size=BATCH, shuffle=shuffle)
+    if kind == "workers":  # random augmentation inside two worker processes
+        return DataLoader(NoisyDataset(), batch_size=BATCH, shuffle=shuffle, num_workers=2)
+    if kind == "persistent":
+        return DataLoader(dataset, batch_size=BATCH, shuffle=shuffle, num_workers=2, persistent_workers=True)
+    if kind == "distributed":  # shuffles by seed and epoch (set_epoch), as under DDP
+        sampler: Any = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=3
+        )
+        return DataLoader(dataset, batch_size=BATCH, sampler=sampler)
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, batch_size=BATCH, shuffle=shuffle)
+    if kind == "stream":
+        return DataLoader(StreamDataset(), batch_size=BATCH)
+    raise ValueError(f"unknown loader kind {kind!r}")
+
+
+def model_class(namespace: str = "lightning.pytorch", validate: bool = False) -> type:
+    """The test model as a LightningModule of ``namespace``; ``validate``: with a shuffled validation set."""
+    if (namespace, validate) not in _MODELS:
         ns = NAMESPACES[namespace][0]
 
         class Model(ns.LightningModule):  # type: ignore[name-defined, misc]
-            def __init__(self, seed: int = 0, scheduler: str | None = None, optimizer: str = "adam") -> None:
+            def __init__(
+                self,
+                seed: int = 0,
+                scheduler: str | None = None,
+                optimizer: str = "adam",
+                dropout: float = 0.0,
+                shuffle: bool = False,
+                loader: str = "plain",
+            ) -> None:
                 super().__init__()
-                torch.manual_seed(seed)
-                self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+                seed_all(seed)
+                layers: list[torch.nn.Module] = [torch.nn.Linear(4, 8), torch.nn.ReLU()]
+                if dropout:
+                    layers.append(torch.nn.Dropout(dropout))
+                self.net = torch.nn.Sequential(*layers, torch.nn.Linear(8, 1))
                 self.scheduler, self.optimizer_name = scheduler, optimizer
+                self.shuffle, self.loader = shuffle, loader
                 self.seen: list[tuple[int, int]] = []
 
             def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
                 loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
-                self.log("train_loss", loss, on_step=False, on_epoch=True)
+                self.log("train_loss", loss, on_step=False, on_epoch=True)  # the epoch's mean
+                self.log("train_loss_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+                self.log("train_loss_sum", loss, on_step=False, on_epoch=True, reduce_fx="sum")
                 self.seen.append((self.current_epoch, batch_idx))
                 return loss
 
@@ -58,18 +128,28 @@ def model_class(namespace: str = "lightning.pytorch") -> type:
                 if self.scheduler == "onecycle":  # step interval
                     cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=100)
                     return {"optimizer": opt, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
+                if self.scheduler == "exponential":  # step interval
+                    decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9**0.25)
+                    return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
                 return opt
 
-            def train_dataloader(self) -> torch.utils.data.DataLoader:
-                dataset = torch.utils.data.TensorDataset(*data())
-                return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False)
+            def train_dataloader(self) -> Any:
+                return make_loader(self.loader, self.shuffle)
 
-        _MODELS[namespace] = Model
-    return _MODELS[namespace]
+            if validate:  # its loader draws from the global generator at every validation
+
+                def validation_step(self, batch: Any, batch_idx: int) -> None:
+                    self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+                def val_dataloader(self) -> Any:
+                    return make_loader("plain", shuffle=True)
+
+        _MODELS[namespace, validate] = Model
+    return _MODELS[namespace, validate]
 
 
-def new_model(namespace: str = "lightning.pytorch", **kwargs: Any) -> Any:
-    return model_class(namespace)(**kwargs)
+def new_model(namespace: str = "lightning.pytorch", validate: bool = False, **kwargs: Any) -> Any:
+    return model_class(namespace, validate)(**kwargs)
 
 
 @dataclasses.dataclass

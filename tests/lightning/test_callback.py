@@ -188,7 +188,9 @@ def test_resumed_fit_leaves_no_state_on_the_trainer(tmp_path):
     assert result.trainer.should_stop is False
 
 
-def test_step_backups_record_their_counters_and_warn_about_the_data_position(tmp_path, caplog):
+def test_step_backups_record_their_counters_and_resume_at_the_next_batch(tmp_path, caplog):
+    reference = new_model()
+    assert fit(reference, None, epochs=3).error is None
     first = fit(new_model(), tmp_path / "b", epochs=3, save_freq=3, interrupt=(1, 5))
     assert first.error is not None and first.backup.stats.backups == 4  # global steps 3, 6, 9, 12
     manifest = Slot(tmp_path / "b").read_manifest()
@@ -198,10 +200,11 @@ def test_step_backups_record_their_counters_and_warn_about_the_data_position(tmp
     with caplog.at_level(logging.WARNING, logger="lightning_impl"):
         result = fit(model, tmp_path / "b", epochs=3, save_freq=3)
     assert result.error is None
-    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("lightning_impl")]
-    assert len(warnings) == 1 and "position of the training DataLoader is not restored" in warnings[0]
-    assert model.seen[0] == (1, 4)  # Lightning resumes at the next step: no optimizer step is repeated
+    assert not [r for r in caplog.records if r.name.startswith("lightning_impl")]  # the data is positioned
+    assert model.seen[0] == (1, 4)  # the batch after the backup: none repeated, none skipped
+    assert model.seen == [(1, b) for b in range(4, 8)] + [(2, b) for b in range(8)]
     assert result.trainer.global_step == 24
+    assert_same_weights(weights(model), weights(reference))
 
 
 def test_step_backup_due_on_an_epochs_last_batch_is_taken_when_the_epoch_closes(tmp_path, caplog):

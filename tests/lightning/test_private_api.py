@@ -5,6 +5,8 @@ When one of these fails after a Lightning upgrade, read its message, then update
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 import pytest
@@ -112,3 +114,81 @@ def test_mark_epoch_closed_refuses_an_unknown_layout():
         _private.mark_epoch_closed(
             {"loops": {"fit_loop": {"epoch_progress": {"total": counters, "current": counters}}}}
         )
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_training_data_internals_that_position_a_resumed_epoch(namespace):
+    ns = NAMESPACES[namespace][0]
+    seen: dict[str, Any] = {}
+
+    class Probe(ns.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["loaders"] = _private.train_loaders(trainer)
+            seen["length"] = _private.epoch_length(trainer)
+            _private.restart_epoch_data(
+                trainer
+            )  # a new iterator for the epoch, then 3 batches read and dropped
+            _private.skip_batches(trainer, 3)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.setdefault("made_after", []).append(_private.iterator_made_after_epoch_start(trainer))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("first", (batch_idx, batch[0].clone()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx == 1:
+                seen["aggregates"] = _private.epoch_aggregates(trainer)
+
+    model = new_model(namespace)
+    result = fit(model, None, epochs=2, namespace=namespace, callbacks=[Probe()])
+    assert result.error is None
+    assert seen["loaders"] == [result.trainer.train_dataloader] and seen["length"] == 8, (
+        CHANGED + "fit_loop._combined_loader no longer holds the training loaders."
+    )
+    assert seen["made_after"] == [False, True], (
+        CHANGED + "the epoch's iterator is no longer made by setup_data for the first epoch only."
+    )
+    first_index, first_x = seen["first"]
+    assert first_index == 0 and torch.equal(
+        first_x, result.trainer.train_dataloader.dataset.tensors[0][24:32]
+    ), CHANGED + "skipping batches below the data fetcher no longer moves the epoch's first batch."
+    assert [b for e, b in model.seen if e == 0] == list(range(5)), (
+        CHANGED + "the data fetcher no longer ends the epoch once its length is reached."
+    )
+    aggregates = seen["aggregates"]["training_step.train_loss"]
+    assert int(aggregates["cumulated_batch_size"]) == 16 and aggregates["value"].dtype == torch.float32, (
+        CHANGED + "the epoch's logged values (fit_loop.epoch_loop._results) changed shape."
+    )
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_not_resumable_warning_that_a_positioned_resume_silences_is_still_worded_so(namespace):
+    module = importlib.import_module(f"{namespace}.loops.training_epoch_loop")
+    assert _private.QuietNotResumableWarning._MESSAGE in inspect.getsource(module), (
+        CHANGED + "_TrainingEpochLoop.reset no longer warns about dataloaders that are not resumable in "
+        "these words; update QuietNotResumableWarning._MESSAGE."
+    )
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_validation_follows_predicts_the_validations_inside_an_epoch(namespace):
+    ns = NAMESPACES[namespace][0]
+    predicted: list[tuple[int, int]] = []
+    ran: list[tuple[int, int]] = []
+
+    class Probe(ns.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if _private.validation_follows(trainer):
+                predicted.append((trainer.current_epoch, batch_idx))
+
+        def on_validation_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                ran.append((trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx))
+
+    model = new_model(namespace, validate=True)
+    result = fit(model, None, epochs=2, namespace=namespace, callbacks=[Probe()], val_check_interval=0.5)
+    assert result.error is None
+    assert predicted == ran == [(0, 3), (0, 7), (1, 3), (1, 7)], (
+        CHANGED + "_TrainingEpochLoop._should_check_val_fx no longer predicts the validation runs."
+    )
