@@ -23,21 +23,15 @@ import tensorflow as tf
 
 from keras_impl import pipeline, rng
 from keras_impl.state import KerasTrainingState
-from unified_backup import BackupOptions, BackupStats, Counters, Lifecycle, Manifest
+from unified_backup import Counters, Manifest
+from unified_backup.callback import BackupCallback
 from unified_backup.errors import CorruptBackupError, UnsupportedEnvironmentError
 
 log = logging.getLogger(__name__)
 
 
-class BackupAndRestore(keras.callbacks.Callback):
-    """Back up the training regularly; resume from the backup when ``fit`` starts again.
-
-    Args:
-        backup_dir: local folder that holds the single backup (other files in it are left alone).
-        save_freq: ``"epoch"``, or a number of optimizer steps between backups.
-        delete_checkpoint: delete the backup when ``fit`` returns normally (early stopping too).
-        save_before_preemption: not supported yet; ``True`` raises ``UnsupportedFeatureError``.
-    """
+class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
+    __doc__ = BackupCallback.__doc__
 
     def __init__(
         self,
@@ -45,37 +39,24 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_freq: str | int = "epoch",
         delete_checkpoint: bool = True,
         save_before_preemption: bool = False,
+        *,
+        on_write_error: str = "raise",
     ) -> None:
-        super().__init__()
-        options = BackupOptions(backup_dir, save_freq, delete_checkpoint, save_before_preemption)
+        super().__init__(
+            backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
+        )
         if not tf.executing_eagerly():
             raise UnsupportedEnvironmentError(
                 "BackupAndRestore needs TensorFlow's eager execution, but it is disabled (found "
                 "tf.compat.v1.disable_eager_execution() or graph mode). Keras 3 trains eagerly: remove "
                 "the call that disables eager execution."
             )
-        self.backup_dir = options.backup_dir
-        self.save_freq = options.save_freq
-        self.delete_checkpoint = options.delete_checkpoint
-        self.save_before_preemption = options.save_before_preemption
-        self._options = options
-        self._lifecycle = Lifecycle(options)
         self._state: KerasTrainingState | None = None
         self._epoch = 0
         self._epoch_start = (0, 0)  # (optimizer steps, batches) when the current epoch began
         self._resume_start: tuple[int, int] | None = None  # the resumed epoch's, until it begins
         self._last_backup_step = 0
         self._input = pipeline.UNKNOWN
-
-    @property
-    def restored(self) -> Manifest | None:
-        """The manifest restored by the current ``fit``, or None when it started fresh."""
-        return self._lifecycle.restored
-
-    @property
-    def stats(self) -> BackupStats:
-        """What backing up cost in the current (or last) ``fit``."""
-        return self._lifecycle.stats
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         _require_single_worker(self.model)
@@ -140,7 +121,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not self._state.restore_metrics():
             log.warning(
                 "The metrics of the backup do not match the compiled metrics; the metrics that fit reports "
-                "for epoch %d cover only its batches after the resume.", manifest.epoch,
+                "for epoch %d cover only its batches after the resume.",
+                manifest.epoch,
             )
         return skip
 

@@ -41,31 +41,18 @@ from lightning_impl import _private
 from lightning_impl.coordinator import LightningCoordinator
 from lightning_impl.exact import ExactResume
 from lightning_impl.state import LightningState
+from unified_backup.callback import BackupCallback
 from unified_backup.coordinator import SingleProcess
 from unified_backup.errors import UnsupportedEnvironmentError
-from unified_backup.lifecycle import BackupStats, Lifecycle
-from unified_backup.manifest import Counters, Manifest
-from unified_backup.options import EPOCH, BackupOptions
+from unified_backup.manifest import Counters
+from unified_backup.options import EPOCH, RAISE
 
 log = logging.getLogger(__name__)
 _KEY = "unified_backup"  # our entry in the checkpoints we write: {"should_stop": bool, **ExactResume.entry}
 
 
-def _ignore_phase(name: str) -> None:
-    """A picklable phase listener (``ddp_spawn`` pickles the callbacks; a lambda would not pickle)."""
-
-
-class BackupAndRestoreMixin:
-    """Back up the training to ``backup_dir`` and resume from it when ``fit`` starts again.
-
-    Args:
-        backup_dir: local folder that holds the single backup (one per training).
-        save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
-        delete_checkpoint: delete the backup when ``fit`` returns normally (early stopping included).
-        save_before_preemption: not supported yet; ``True`` raises ``UnsupportedFeatureError``.
-
-    NOTE: every rank runs the hooks; only global rank 0 writes and commits (see ``coordinator.py``).
-    """
+class BackupAndRestoreMixin(BackupCallback):
+    __doc__ = BackupCallback.__doc__  # NOTE: every rank runs the hooks; only global rank 0 commits.
 
     _framework_version: str = "unknown"
 
@@ -75,10 +62,12 @@ class BackupAndRestoreMixin:
         save_freq: str | int = EPOCH,
         delete_checkpoint: bool = True,
         save_before_preemption: bool = False,
+        *,
+        on_write_error: str = RAISE,
     ) -> None:
-        super().__init__()
-        self._options = BackupOptions(backup_dir, save_freq, delete_checkpoint, save_before_preemption)
-        self._lifecycle = Lifecycle(self._options, on_phase=_ignore_phase)
+        super().__init__(
+            backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
+        )
         self._state: LightningState | None = None
         self._close_pending = False  # an epoch ended (or a due step backup hit its last batch)
         self._saving: str | None = None  # "close" or "step" while our own save runs
@@ -90,21 +79,6 @@ class BackupAndRestoreMixin:
         self._epoch_first_step = 0
         self._exact = ExactResume()
         self._coordinator: LightningCoordinator | None = None
-
-    backup_dir = property(lambda self: self._options.backup_dir)
-    save_freq = property(lambda self: self._options.save_freq)
-    delete_checkpoint = property(lambda self: self._options.delete_checkpoint)
-    save_before_preemption = property(lambda self: self._options.save_before_preemption)
-
-    @property
-    def restored(self) -> Manifest | None:
-        """The manifest of the backup that the current ``fit`` resumed from, or None."""
-        return self._lifecycle.restored
-
-    @property
-    def stats(self) -> BackupStats:
-        """What backing up cost during the current (or last) ``fit``."""
-        return self._lifecycle.stats
 
     # -- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

@@ -221,7 +221,6 @@ class Lifecycle:
         if self.phase is not Phase.RUNNING:
             return
         self.phase = Phase.IDLE
-        self.restored = None
         delete = success and self.options.delete_checkpoint
         try:
             if delete:

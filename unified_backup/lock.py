@@ -85,8 +85,11 @@ class DirectoryLock:
             "host": socket.gethostname(),
             "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as exc:  # e.g. a full disk: the flock alone still excludes other trainings
+            log.warning("Could not record this process as the owner of %s (%s).", self.path, exc)
         self._fd = fd
         _HELD[self._key] = (self, threading.get_ident())
 

@@ -75,8 +75,9 @@ class Driver(Protocol):
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        **options: Any,
     ) -> FitResult:
-        """Train ``run`` for ``epochs`` with ``BackupAndRestore(backup_dir, save_freq=save_freq)``.
+        """Train ``run`` for ``epochs`` with ``BackupAndRestore(backup_dir, save_freq=save_freq, **options)``.
 
         ``backup_dir=None`` trains without the callback (the control). ``interrupt=(e, b)`` raises
         ``RuntimeError("interrupt")`` just before batch ``b`` of epoch ``e``; ``interrupt="end"``

@@ -47,7 +47,7 @@ class Reshuffled(keras.utils.PyDataset):
         self.order = np.random.permutation(len(self.x))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.order[index * self.batch:(index + 1) * self.batch]
+        rows = self.order[index * self.batch : (index + 1) * self.batch]
         return self.x[rows], self.y[rows]
 
 
@@ -132,6 +132,7 @@ class KerasDriver:
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        **options: Any,
     ) -> FitResult:
         recorder = _EpochRecorder()
         callbacks: list[keras.callbacks.Callback] = [recorder]
@@ -139,7 +140,9 @@ class KerasDriver:
             callbacks.append(_Interrupt(interrupt))
         if early_stopping:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0))
-        backup = BackupAndRestore(backup_dir, save_freq=save_freq) if backup_dir is not None else None
+        backup = (
+            BackupAndRestore(backup_dir, save_freq=save_freq, **options) if backup_dir is not None else None
+        )
         if backup is not None:
             callbacks.append(backup)  # a new instance per fit, as in a restarted job
         keras.utils.set_random_seed(run.seed)  # as a restarted job's script does; a restore overrides it
@@ -176,8 +179,18 @@ class KerasDriver:
         exact: bool = False,
     ) -> list[str]:
         return [
-            sys.executable, "-m", "keras_impl.demo",
-            "--backup-dir", str(backup_dir), "--out", str(out),
-            "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
+            sys.executable,
+            "-m",
+            "keras_impl.demo",
+            "--backup-dir",
+            str(backup_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--batch-sleep",
+            str(batch_sleep),
+            "--save-freq",
+            str(save_freq),
             *(["--shuffle", "--dropout", "0.2"] if exact else []),
         ]

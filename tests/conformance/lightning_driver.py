@@ -152,6 +152,7 @@ class LightningDriver:
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        **options: Any,
     ) -> FitResult:
         recorder = _Recorder(interrupt)
         callbacks: list[L.Callback] = [recorder]  # before ours: its on_fit_end runs first
@@ -159,7 +160,7 @@ class LightningDriver:
             # The first epoch always improves on +inf; the second cannot improve by 1e9, and patience=0 stops.
             callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=0))
         if backup_dir is not None:
-            callbacks.append(BackupAndRestore(backup_dir, save_freq=save_freq))
+            callbacks.append(BackupAndRestore(backup_dir, save_freq=save_freq, **options))
         trainer = new_trainer(epochs, callbacks, accumulate_grad_batches=run.accumulate)
         error: BaseException | None = None
         try:
