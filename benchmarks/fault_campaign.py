@@ -13,7 +13,8 @@ what the next start restores:
     scratch     a fresh start although a backup was committed
     load-error  the restart failed to load
 Each completed training's final weights are compared with an uninterrupted run (``wrong`` if
-they differ), and ``backup_dir`` must be gone after it (``leftovers`` otherwise).
+they differ), ``backup_dir`` must be gone after it (``leftovers`` otherwise), and the workers'
+private ``TMPDIR`` must be empty at the end (``tmp left`` otherwise).
 
     python benchmarks/fault_campaign.py --trials 200            # the full campaign (about an hour)
     python benchmarks/fault_campaign.py --trials 6 --state-mb 5  # a smoke run (CI runs this size)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import random
 import sys
 import tempfile
@@ -64,6 +66,11 @@ def staging_started(backup_dir: Path, committed: str | None) -> bool:
 def committed_payload(backup_dir: Path) -> tuple[str | None, int | None]:
     manifest = Slot(backup_dir).read_manifest()
     return (manifest.payload, manifest.global_step) if manifest else (None, None)
+
+
+def temp_leftovers(tmpdir: Path) -> int:
+    """Files the workers left in their TMPDIR (e.g. a temp copy of a checkpoint cut by the kill)."""
+    return sum(1 for p in tmpdir.rglob("*") if p.is_file())
 
 
 def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root: Path) -> dict:
@@ -140,6 +147,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
         "outcomes": dict(counts),
         "wrong_final_weights": wrong,
         "leftovers": leftovers,
+        "temp_files_left": temp_leftovers(Path(os.environ["TMPDIR"])),
         "wall_s": round(time.monotonic() - began, 1),
     }
 
@@ -161,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fault-campaign-"))
     root.mkdir(parents=True, exist_ok=True)
-    results = [campaign(framework, args, rng, root) for framework in args.frameworks]
+    results = []
+    for framework in args.frameworks:
+        tmpdir = root / f"{framework}-tmp"  # the workers' TMPDIR (inherited through Worker's environment)
+        tmpdir.mkdir(exist_ok=True)
+        os.environ["TMPDIR"] = str(tmpdir)
+        results.append(campaign(framework, args, rng, root))
     print(
         f"{'adapter':<10} {'kills':>5} {'in write':>8} {'newest':>6} {'older':>5} {'scratch':>7} "
-        f"{'load err':>8} {'wrong':>5} {'leftover':>8} {'wall s':>7}"
+        f"{'load err':>8} {'wrong':>5} {'leftover':>8} {'tmp left':>8} {'wall s':>7}"
     )
     failed = False
     for r in results:
@@ -172,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['framework']:<10} {r['trials']:>5} {r['aimed_in_write']:>8} {o.get('newest', 0):>6} "
             f"{o.get('older', 0):>5} {o.get('scratch', 0):>7} {o.get('load-error', 0):>8} "
-            f"{r['wrong_final_weights']:>5} {r['leftovers']:>8} {r['wall_s']:>7}"
+            f"{r['wrong_final_weights']:>5} {r['leftovers']:>8} {r['temp_files_left']:>8} {r['wall_s']:>7}"
         )
-        failed |= o.get("newest", 0) != r["trials"] or r["wrong_final_weights"] > 0 or r["leftovers"] > 0
+        failed |= o.get("newest", 0) != r["trials"] or r["wrong_final_weights"] > 0
+        failed |= r["leftovers"] > 0 or r["temp_files_left"] > 0
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

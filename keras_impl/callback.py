@@ -3,29 +3,38 @@
 on_train_begin       lifecycle.start (restore), then tell ``fit`` where to start
 first train step     (resumed inside an epoch) put back the metrics, skip the batches already trained
 on_epoch_begin       drop what was set on the model; note the epoch's first step and host RNG states
-on_train_batch_end   lifecycle.backup when ``save_freq=N`` optimizer steps have run
-on_epoch_end         lifecycle.backup when ``save_freq="epoch"``
-on_train_end         lifecycle.finish(success=True): delete the backup (if asked), unlock
+on_train_batch_end   lifecycle.backup when ``save_freq=N`` optimizer steps have run; then, if a
+                     preemption signal came, back up this step (unless just done) and stop
+on_epoch_end         lifecycle.backup when ``save_freq="epoch"``; then the same preemption check
+on_train_end         the same check; else lifecycle.finish(success=True): delete the backup (if
+                     asked), unlock, remove the signal handlers
+
+``on_train_batch_end`` runs once per ``steps_per_execution`` batches: that is the step boundary.
+A preemption stop logs one warning, releases everything (handlers, lock; the backup stays) and
+raises ``TrainingPreempted``: uncaught, the process exits with code 143.
 
 Keras has no hook for an exception inside ``fit``: the backup stays, and the lock is taken over
-by the next ``fit`` in this thread (or dropped by the kernel when the process dies).
+by the next ``fit`` in this thread (or dropped by the kernel when the process dies); the signal
+handlers hand any later signal to those they replaced (see :mod:`keras_impl.preemption`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from keras_impl import pipeline, rng
+from keras_impl.preemption import FitWatch
 from keras_impl.state import KerasTrainingState
 from unified_backup import Counters, Manifest
 from unified_backup.callback import BackupCallback
 from unified_backup.errors import CorruptBackupError, UnsupportedEnvironmentError
+from unified_backup.preemption import TrainingPreempted, stop_message
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +47,7 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         backup_dir: str | os.PathLike[str],
         save_freq: str | int = "epoch",
         delete_checkpoint: bool = True,
-        save_before_preemption: bool = False,
+        save_before_preemption: bool | Sequence[str | int] = False,
         *,
         on_write_error: str = "raise",
     ) -> None:
@@ -56,14 +65,20 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         self._epoch_start = (0, 0)  # (optimizer steps, batches) when the current epoch began
         self._resume_start: tuple[int, int] | None = None  # the resumed epoch's, until it begins
         self._last_backup_step = 0
+        self._committed: Counters | None = None  # what the slot holds, as far as this fit knows
+        self._watch: FitWatch | None = None
         self._input = pipeline.UNKNOWN
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         _require_single_worker(self.model)
+        if self._options.preemption_signals:
+            FitWatch.check_installable()  # fit may run in another thread than the constructor did
         _FirstSteps.remove(self.model)  # left by a fit that raised before its first steps ended
+        self._uninstall()  # left by a fit that raised
         self._input = pipeline.inspect_fit_input()
         self._state = KerasTrainingState(self.model)
         self._resume_start = None
+        self._committed = None
         # Without a strategy, fit builds the model in its first step. To restore now, before the input
         # draws the epoch's order, build it as fit does under a strategy; where the input's structure is
         # unknown, restore at the first step (before it trains), but tell fit now where to start.
@@ -75,6 +90,9 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         else:
             self._resume_at(peeked)
             _FirstSteps(self.model, lambda iterator: self._restore(iterator, expected=peeked))
+        if self._options.preemption_signals:
+            self._watch = FitWatch(self._options.preemption_signals, self)
+            self._watch.install()
 
     def _restore(self, iterator: Any = None, expected: Manifest | None = None) -> int:
         """Build what is not built yet, then restore the backup; return the batches to skip."""
@@ -87,6 +105,7 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         assert self._state is not None
         manifest = self._lifecycle.start(self._state)
         self._last_backup_step = self._state.global_step
+        self._committed = None if manifest is None else manifest.counters
         if expected is not None and (manifest is None or manifest.counters != expected.counters):
             raise CorruptBackupError(
                 f"The backup in {self.backup_dir} changed while fit was starting (expected counters "
@@ -149,34 +168,69 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
             self._state.epoch_began()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._state is None or self._options.per_epoch:
+        if self._state is None:
             return
         if self._options.step_backup_due(self._state.global_step, self._last_backup_step):
             self._backup(ended=False)
+        self._stop_if_preempted(ended=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._state is not None and self._options.per_epoch:
             self._backup(ended=True)
+        self._stop_if_preempted(ended=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.model._initial_epoch = None
-        _FirstSteps.remove(self.model)
-        self._state = None
-        self._lifecycle.finish(success=True)
+        self._stop_if_preempted(ended=True)  # came after the last check: the restart resumes at the end
+        self._release(success=True)
 
-    def _backup(self, ended: bool) -> None:
-        """Back up now: at a batch end, or at the epoch's end (``ended``; maybe stopped inside it)."""
+    def _position(self, ended: bool) -> tuple[Counters, int]:
+        """The counters of this instant, and the batches trained in the epoch they name."""
         assert self._state is not None
         step, batches = self._state.position
         in_steps, in_batches = step - self._epoch_start[0], batches - self._epoch_start[1]
         total = self.params.get("steps")
         if (total and in_batches >= total) or (ended and not (self.model.stop_training and total)):
-            counters, in_batches = Counters(self._epoch + 1, 0, step), 0  # the epoch's last batch
-        else:
-            counters = Counters(self._epoch, in_steps, step)
+            return Counters(self._epoch + 1, 0, step), 0  # the epoch's last batch
+        return Counters(self._epoch, in_steps, step), in_batches
+
+    def _backup(self, ended: bool) -> None:
+        """Back up now: at a batch end, or at the epoch's end (``ended``; maybe stopped inside it)."""
+        assert self._state is not None
+        counters, in_batches = self._position(ended)
         self._state.record(counters, in_batches)
-        self._lifecycle.backup(self._state, counters)
-        self._last_backup_step = step
+        if self._lifecycle.backup(self._state, counters) is not None:
+            self._committed = counters
+        self._last_backup_step = counters.global_step
+
+    def _stop_if_preempted(self, ended: bool) -> None:
+        """At a step boundary: once a preemption signal came, back up this step and stop ``fit``."""
+        watch = self._watch
+        if watch is None or self._state is None or not watch.agreed(self._lifecycle.coordinator):
+            return
+        try:
+            step = self._state.global_step
+            if self._committed is None or self._committed.global_step != step:
+                self._backup(ended)
+            committed = self._committed is not None and self._committed.global_step == step
+            cause = watch.received.name if watch.received else "a preemption signal"
+            message = stop_message(cause, self._position(ended)[0], self.backup_dir, committed)
+            log.warning(message)
+        finally:
+            self._release(success=False)
+        raise TrainingPreempted(message)
+
+    def _release(self, success: bool) -> None:
+        """End the fit: nothing of ours stays on the model, the handlers go, the lifecycle finishes."""
+        self.model._initial_epoch = None
+        _FirstSteps.remove(self.model)
+        self._state = None
+        self._uninstall()
+        self._lifecycle.finish(success=success)
+
+    def _uninstall(self) -> None:
+        if self._watch is not None:
+            self._watch.uninstall()
+            self._watch = None
 
 
 class _Epoch(int):

@@ -1,18 +1,23 @@
 """The Keras demo worker: trains the demo model with ``BackupAndRestore`` and reports events.
 
 ``python -m keras_impl.demo --backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
-[--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]``
+[--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE] [--hidden 16]
+[--save-before-preemption [SIGNAL ...]]``
 
-Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json.
+Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json
+(and their ``weights_sha256``: of the float64 little-endian bytes, in the same order).
 Run it again with the same ``--backup-dir`` after a kill, and it resumes; the final weights equal
 those of an uninterrupted run. ``--shuffle`` reshuffles the samples at every epoch's start (a
 ``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``);
 ``--dropout RATE`` adds a Dropout layer after the hidden one: the result is still bit-identical.
+``--save-before-preemption`` alone stops on SIGTERM, with names (``SIGTERM SIGUSR1``) on those: the
+worker backs up the step, logs one warning on stderr and exits with code 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +47,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
     parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
     parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
+    parser.add_argument("--hidden", type=int, default=16, help="width of the hidden layer")
+    parser.add_argument(
+        "--save-before-preemption",
+        nargs="*",
+        metavar="SIGNAL",
+        default=None,
+        help="back up and stop on SIGTERM (no value) or on the signals named",
+    )
     return parser.parse_args(argv)
 
 
@@ -82,15 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             self.order = np.random.permutation(len(x))
 
         def __getitem__(self, index: int) -> tuple[Any, Any]:
-            rows = self.order[index * 16:(index + 1) * 16]
+            rows = self.order[index * 16 : (index + 1) * 16]
             return x[rows], y[rows]
 
-    layers = [keras.Input((4,)), keras.layers.Dense(16, activation="relu")]
+    layers = [keras.Input((4,)), keras.layers.Dense(args.hidden, activation="relu")]
     if args.dropout:
         layers.append(keras.layers.Dropout(args.dropout, seed=args.seed))
     model = keras.Sequential([*layers, keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    backup = BackupAndRestore(args.backup_dir, save_freq=args.save_freq)
+    listed = args.save_before_preemption  # None: off; []: SIGTERM; names: those
+    preemption: bool | list[str] = False if listed is None else (listed or True)
+    backup = BackupAndRestore(args.backup_dir, save_freq=args.save_freq, save_before_preemption=preemption)
     epochs_run: list[int] = []
 
     class Events(keras.callbacks.Callback):
@@ -98,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def on_train_begin(self, logs: Any = None) -> None:
             restored = backup.restored
-            emit("start", restored_epoch=None if restored is None else restored.epoch,
-                 global_step=int(model.optimizer.iterations))
+            emit(
+                "start",
+                restored_epoch=None if restored is None else restored.epoch,
+                global_step=int(model.optimizer.iterations),
+            )
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             epochs_run.append(epoch)
@@ -113,11 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
     model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])
-    emit("done", backups=backup.stats.backups, backup_seconds=round(backup.stats.seconds, 4),
-         epochs_run=len(epochs_run))
+    emit(
+        "done",
+        backups=backup.stats.backups,
+        backup_seconds=round(backup.stats.seconds, 4),
+        epochs_run=len(epochs_run),
+    )
     weights = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in model.get_weights()])
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"framework": "keras", "weights": weights.tolist()}, f)
+        digest = hashlib.sha256(weights.astype("<f8").tobytes()).hexdigest()
+        json.dump({"framework": "keras", "weights": weights.tolist(), "weights_sha256": digest}, f)
     return 0
 
 

@@ -25,8 +25,13 @@ from typing import Any
 
 # Ops that draw from a tf.random.Generator (a state that prefetching advances ahead of training).
 _STATEFUL_GENERATOR_OPS = (
-    "StatefulUniform", "StatefulStandardNormal", "StatefulTruncatedNormal", "StatefulRandomBinomial",
-    "RngSkip", "RngReadAndSkip", "NonDeterministicInts",
+    "StatefulUniform",
+    "StatefulStandardNormal",
+    "StatefulTruncatedNormal",
+    "StatefulRandomBinomial",
+    "RngSkip",
+    "RngReadAndSkip",
+    "NonDeterministicInts",
 )
 # Legacy random ops: seeded by the global seed at trace time, they restart with every iterator.
 _LEGACY_RANDOM_OPS = ("Random", "TruncatedNormal", "Multinomial", "ParameterizedTruncatedNormal")

@@ -40,18 +40,22 @@ def capture_host() -> Arrays:
 
 def restore_host(arrays: Arrays) -> None:
     gauss = arrays["python_random/gauss"]
-    random.setstate((
-        int(arrays["python_random/version"]),
-        tuple(int(v) for v in arrays["python_random/internal"]),
-        float(gauss[0]) if gauss.size else None,
-    ))
-    np.random.set_state((
-        "MT19937",
-        arrays["numpy_random/keys"].astype(np.uint32),
-        int(arrays["numpy_random/pos"]),
-        int(arrays["numpy_random/has_gauss"]),
-        float(arrays["numpy_random/cached_gaussian"]),
-    ))
+    random.setstate(
+        (
+            int(arrays["python_random/version"]),
+            tuple(int(v) for v in arrays["python_random/internal"]),
+            float(gauss[0]) if gauss.size else None,
+        )
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            arrays["numpy_random/keys"].astype(np.uint32),
+            int(arrays["numpy_random/pos"]),
+            int(arrays["numpy_random/has_gauss"]),
+            float(arrays["numpy_random/cached_gaussian"]),
+        )
+    )
 
 
 def capture_device() -> Arrays:

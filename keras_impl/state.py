@@ -93,16 +93,18 @@ class KerasTrainingState:
         """
         model_paths = canonical_paths(v.path for v in self.model.variables)
         found = {f"model/{model_paths[v.path]}": describe(v.dtype, v.shape) for v in self.model.variables}
-        flat = sorted(((p.replace("/", "_"), c.replace("/", "_")) for p, c in model_paths.items()),
-                      key=lambda pair: -len(pair[0]))
+        flat = sorted(
+            ((p.replace("/", "_"), c.replace("/", "_")) for p, c in model_paths.items()),
+            key=lambda pair: -len(pair[0]),
+        )
         prefix = f"{self.optimizer.name}/"
         for v in self.optimizer.variables:
             name = v.path
             while name.startswith(prefix):  # a name scope may repeat it
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
             for original, canonical in flat:
                 if name.startswith(original + "_"):
-                    name = canonical + name[len(original):]
+                    name = canonical + name[len(original) :]
                     break
             found[f"optimizer/{name}"] = describe(v.dtype, v.shape)
         found["optimizer/class"] = type(self.optimizer).__name__
@@ -178,7 +180,7 @@ class KerasTrainingState:
         self._epoch_start_host = {k: v for k, v in extra.items() if k.startswith(_HOST)}
         self.restored_batch_in_epoch = batch_in_epoch
         self.restored_tf_seed = rng.stored_tf_seed(extra)
-        self._restored_metrics = {k[len(_METRICS):]: v for k, v in extra.items() if k.startswith(_METRICS)}
+        self._restored_metrics = {k[len(_METRICS) :]: v for k, v in extra.items() if k.startswith(_METRICS)}
 
     def restore_metrics(self) -> bool:
         """Put back the compiled metrics' accumulators of a backup made inside an epoch.
@@ -190,8 +192,10 @@ class KerasTrainingState:
         variables = list(self.model.metrics_variables)
         paths = canonical_paths(v.path for v in variables)
         live = {paths[v.path]: _components(v) for v in variables}
-        if not saved or set(saved) != set(live) or any(
-            saved[path].shape != (len(parts), *parts[0].shape) for path, parts in live.items()
+        if (
+            not saved
+            or set(saved) != set(live)
+            or any(saved[path].shape != (len(parts), *parts[0].shape) for path, parts in live.items())
         ):
             return False
         for path, parts in live.items():

@@ -17,11 +17,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "Install them with: pip install 'unified-backup[lightning]'"
     ) from exc
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from lightning_impl.callback import BackupAndRestoreMixin
+from unified_backup.preemption import TrainingPreempted
+
+
+class Preempted(TrainingPreempted, SIGTERMException):
+    """``TrainingPreempted`` that is also Lightning's ``SIGTERMException``, for ``on_exception`` code."""
 
 
 class BackupAndRestore(BackupAndRestoreMixin, lightning.pytorch.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
+    _preempted = Preempted
     _framework_version = lightning.__version__
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,12 @@ import torch
 
 from unified_backup.errors import BackupError
 
-# The keys that ``_CheckpointConnector._get_loops_state_dict`` writes for the fit loop's epoch counters.
-_EPOCH_PROGRESS = ("loops", "fit_loop", "epoch_progress")
+# Where ``_CheckpointConnector._get_loops_state_dict`` writes the fit loop's epoch counters and the
+# training epoch loop's batch counters.
+_FIT_LOOP = ("loops", "fit_loop")
+_EPOCH_PROGRESS = "epoch_progress"
+_BATCH_PROGRESS = "epoch_loop.batch_progress"
+_COUNTERS = {"ready", "started", "processed", "completed"}
 
 
 def restore_modules_and_callbacks(trainer: Any, path: Path) -> None:
@@ -47,36 +52,80 @@ def set_ckpt_path(trainer: Any, value: Any) -> None:
     trainer._checkpoint_connector._ckpt_path = value
 
 
-def mark_epoch_closed(checkpoint: dict[str, Any]) -> None:
-    """Make a checkpoint taken after an epoch closed look like one saved in ``on_train_epoch_end``.
+def clear_received_sigterm(trainer: Any) -> bool:
+    """Whether Lightning's SIGTERM handler recorded a SIGTERM; forget it, so Lightning does not stop on it.
+
+    ``trainer.received_sigterm`` (read-only) reads this flag; Lightning's loops raise
+    ``SIGTERMException`` once it is set.
+    """
+    connector = trainer._signal_connector
+    received = bool(connector.received_sigterm)
+    connector.received_sigterm = False
+    return received
+
+
+def spare_from_child_process_observer() -> None:
+    """Keep Lightning's DDP launcher from SIGKILLing this process as the other ranks exit with code 143.
+
+    With ``strategy="ddp"``, rank 0 starts the other ranks as its child processes and watches them from
+    a thread (``_ChildProcessObserver``, every 5 s): once one has exited with a non-zero code, it SIGKILLs
+    every rank, rank 0 included. After a preemption every rank exits with 143 on purpose; rank 0,
+    killed a moment before its own exit, would end with -9 instead. With no child left on its list, the
+    observer ends at its next check. Only rank 0 runs one.
+    """
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_ChildProcessObserver" and hasattr(thread, "_child_processes"):
+            thread._child_processes = []  # type: ignore[attr-defined]
+
+
+def mark_epoch_closed(checkpoint: dict[str, Any], step_based: bool) -> None:
+    """Make a checkpoint taken after an epoch closed resume at the next epoch's first batch.
 
     An epoch is closed once every ``on_train_epoch_end`` (EarlyStopping's check included) and the
-    plateau LR schedulers have run. Lightning resumes such a state only from the counters that a
-    checkpoint saved in ``on_train_epoch_end`` carries (processed, but not yet completed): it then
-    counts the epoch as completed and starts the next one at its first batch, calling its hooks.
+    plateau LR schedulers have run. Lightning resumes such a state cleanly only from the counters of
+    a checkpoint saved at one of its own hooks, and which one depends on ``step_based`` (``max_steps``
+    set, when Lightning treats every resume as a restart):
+
+    - epoch-based: those of ``on_train_epoch_end`` (the epoch processed, not yet completed). Lightning
+      counts the epoch as completed and starts the next one, plateau schedulers included.
+    - step-based: those of ``on_train_epoch_start`` of the next epoch before its first batch (that
+      epoch ready, no batch of it counted). The ``on_train_epoch_end`` counters would make Lightning
+      run that epoch's end hooks again, and one more batch.
     """
-    node: Any = checkpoint
-    for key in _EPOCH_PROGRESS:
-        node = node.get(key) if isinstance(node, dict) else None
-    for part in ("total", "current"):
-        counters = node.get(part) if isinstance(node, dict) else None
-        if (
-            not isinstance(counters, dict)
-            or not {"ready", "started", "processed", "completed"} <= counters.keys()
-        ):
-            raise BackupError(
-                "Lightning's checkpoint no longer has the fit loop's epoch counters where unified-backup "
-                f"expects them ({'/'.join(_EPOCH_PROGRESS)}/{part}). This Lightning version is not supported "
-                "yet: pin lightning to 2.6, or report it to unified-backup."
-            )
+    loops: Any = checkpoint
+    for key in _FIT_LOOP:
+        loops = loops.get(key) if isinstance(loops, dict) else None
+    epochs = _counters(loops, _EPOCH_PROGRESS)
+    batches = _counters(loops, _BATCH_PROGRESS)
+    for counters in epochs:
         if not counters["started"] == counters["processed"] == counters["completed"] >= 1:
             raise BackupError(
                 f"Lightning's epoch counters are {counters} at an epoch boundary; expected started == "
                 "processed == completed >= 1. This Lightning version is not supported yet: report it to "
                 "unified-backup."
             )
-        counters["ready"] = counters["processed"]
-        counters["completed"] = counters["processed"] - 1
+    for counters in epochs:
+        if step_based:
+            counters["ready"] = counters["completed"] + 1
+        else:
+            counters["ready"] = counters["processed"]
+            counters["completed"] = counters["processed"] - 1
+    if step_based:
+        batches[1].update(dict.fromkeys(_COUNTERS, 0))
+        loops[_BATCH_PROGRESS]["is_last_batch"] = False
+
+
+def _counters(loops: Any, name: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The ``total`` and ``current`` progress counters of ``name`` in the fit loop's state."""
+    node = loops.get(name) if isinstance(loops, dict) else None
+    found = tuple(node.get(part) if isinstance(node, dict) else None for part in ("total", "current"))
+    if not all(isinstance(c, dict) and _COUNTERS <= c.keys() for c in found):
+        raise BackupError(
+            "Lightning's checkpoint no longer has the fit loop's progress counters where unified-backup "
+            f"expects them ({'/'.join(_FIT_LOOP)}/{name}/total|current). This Lightning version is not "
+            "supported yet: pin lightning to 2.6, or report it to unified-backup."
+        )
+    return found  # type: ignore[return-value]
 
 
 # -- the training data of the epoch in progress -----------------------------------------------

@@ -1,18 +1,23 @@
 """The Lightning demo worker: ``python -m lightning_impl.demo --backup-dir DIR --out OUT.json``.
 
-``[--epochs 10] [--seed 0] [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]``
+``[--epochs 10] [--seed 0] [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]
+[--hidden 16] [--save-before-preemption [SIGNAL ...]]``
 
 Trains the demo MLP with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines on stdout
-(start, one per closed epoch, done); writes the final weights to ``--out`` on success. Used by
-``unified-backup demo`` and by the SIGKILL conformance scenario. ``--shuffle`` reshuffles the
-samples every epoch (``DataLoader(shuffle=True)``, drawing from torch's global generator);
-``--dropout RATE`` adds a Dropout layer after the hidden one: a killed and resumed run still ends
-bit-identical to an uninterrupted one, with ``--save-freq N`` too.
+(start, one per closed epoch, done); writes the final weights, and their sha256, to ``--out`` on
+success. Used by ``unified-backup demo``, the conformance scenarios and the fault campaign.
+``--shuffle`` reshuffles the samples every epoch (``DataLoader(shuffle=True)``, drawing from torch's
+global generator); ``--dropout RATE`` adds a Dropout layer after the hidden one: a killed and
+resumed run still ends bit-identical to an uninterrupted one, with ``--save-freq N`` too.
+``--hidden N`` sets the hidden width (the size of the state). ``--save-before-preemption`` alone
+stops on SIGTERM, with signal names (``SIGTERM SIGUSR1``) on those: the run backs up its step and
+exits with code 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -35,18 +40,18 @@ def emit(event: str, **fields: Any) -> None:
 
 
 class DemoModel(L.LightningModule):
-    """MLP 4 -> 16 (ReLU) [-> Dropout] -> 1, Adam lr 1e-2, MSE, on 256 fixed samples in batches of 16."""
+    """MLP 4 -> hidden (ReLU) [-> Dropout] -> 1, Adam lr 1e-2, MSE, on 256 fixed samples in batches of 16."""
 
-    def __init__(self, seed: int, shuffle: bool = False, dropout: float = 0.0) -> None:
+    def __init__(self, seed: int, shuffle: bool = False, dropout: float = 0.0, hidden: int = 16) -> None:
         super().__init__()
         self.seed, self.shuffle = seed, shuffle
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        layers: list[torch.nn.Module] = [torch.nn.Linear(4, 16), torch.nn.ReLU()]
+        layers: list[torch.nn.Module] = [torch.nn.Linear(4, hidden), torch.nn.ReLU()]
         if dropout:
             layers.append(torch.nn.Dropout(dropout))
-        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(16, 1))
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 1))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -107,6 +112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-freq", default="epoch", help="'epoch' or a number of optimizer steps")
     parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
     parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
+    parser.add_argument("--hidden", type=int, default=16, help="width of the hidden layer")
+    parser.add_argument(
+        "--save-before-preemption",
+        nargs="*",
+        metavar="SIGNAL",
+        help="back up and stop (exit code 143) on SIGTERM, or on the signals named",
+    )
     return parser.parse_args(argv)
 
 
@@ -116,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     save_freq: str | int = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
-    backup = BackupAndRestore(args.backup_dir, save_freq=save_freq)
+    signals = args.save_before_preemption
+    preemption = False if signals is None else (signals or True)
+    backup = BackupAndRestore(args.backup_dir, save_freq=save_freq, save_before_preemption=preemption)
     events = Events(backup, args.batch_sleep)
-    model = DemoModel(args.seed, shuffle=args.shuffle, dropout=args.dropout)
+    model = DemoModel(args.seed, shuffle=args.shuffle, dropout=args.dropout, hidden=args.hidden)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         callbacks=[backup, events],
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator="cpu",
         devices=1,
     )
-    trainer.fit(model)
+    trainer.fit(model)  # a preemption ends the process here, with exit code 143
     emit(
         "done",
         backups=backup.stats.backups,
@@ -139,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = np.concatenate(
         [t.detach().cpu().double().numpy().ravel() for t in model.net.state_dict().values()]
     )
-    args.out.write_text(json.dumps({"framework": "lightning", "weights": weights.tolist()}))
+    digest = hashlib.sha256(weights.astype("<f8").tobytes()).hexdigest()
+    out = {"framework": "lightning", "weights": weights.tolist(), "weights_sha256": digest}
+    args.out.write_text(json.dumps(out))
     return 0
 
 

@@ -12,11 +12,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "Install it with: pip install 'unified-backup[lightning]'"
     ) from exc
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 from lightning_impl.callback import BackupAndRestoreMixin
+from unified_backup.preemption import TrainingPreempted
+
+
+class Preempted(TrainingPreempted, SIGTERMException):
+    """``TrainingPreempted`` that is also Lightning's ``SIGTERMException``, for ``on_exception`` code."""
 
 
 class BackupAndRestore(BackupAndRestoreMixin, pytorch_lightning.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
+    _preempted = Preempted
     _framework_version = pytorch_lightning.__version__
 
 

@@ -22,6 +22,7 @@ from unified_backup.errors import (
 from unified_backup.lifecycle import BackupStats, Lifecycle, TrainingState
 from unified_backup.manifest import Counters, Manifest
 from unified_backup.options import BackupOptions
+from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 from unified_backup.slot import Slot
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "Coordinator",
     "CorruptBackupError",
     "Counters",
+    "EXIT_PREEMPTED",
     "IncompatibleBackupError",
     "InvalidArgumentError",
     "InvalidBackupError",
@@ -44,6 +46,7 @@ __all__ = [
     "NoBackupError",
     "SingleProcess",
     "Slot",
+    "TrainingPreempted",
     "TrainingState",
     "UnsafeBackupError",
     "UnsupportedEnvironmentError",

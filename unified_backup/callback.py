@@ -13,6 +13,7 @@ from pathlib import Path
 from unified_backup.lifecycle import BackupStats, Lifecycle
 from unified_backup.manifest import Manifest
 from unified_backup.options import EPOCH, RAISE, BackupOptions
+from unified_backup.preemption import PreemptionWatch
 
 
 def _ignore_phase(name: str) -> None:
@@ -46,6 +47,8 @@ class BackupCallback:
         self._options = BackupOptions(
             backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
         )
+        if self._options.preemption_signals:
+            PreemptionWatch.check_installable()  # raise now rather than be silently off later
         self._lifecycle = Lifecycle(self._options, on_phase=on_phase)
 
     @property

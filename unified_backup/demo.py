@@ -132,13 +132,13 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
     say = lambda text: print(f"[{framework}] {text}", flush=True)  # noqa: E731
     ref_out, out = workdir / f"{framework}-reference.json", workdir / f"{framework}-resumed.json"
     say("reference run, uninterrupted ...")
-    _, start, done = _run_to_end(
+    _, _, done = _run_to_end(
         _worker_argv(framework, workdir / f"{framework}-reference", ref_out, epochs, 0.0)
     )
     say(f"  done: {done['backups']} backups took {done['backup_seconds']:.2f} s")
     backup_dir = workdir / f"{framework}-backup"
     expected = epochs * STEPS_PER_EPOCH * BATCH_SLEEP
-    attempts = []
+    attempts: list[Attempt] = []
     while True:
         worker = Worker(_worker_argv(framework, backup_dir, out, epochs, BATCH_SLEEP))
         start = worker.wait_event("start", PROCESS_TIMEOUT)
@@ -162,9 +162,10 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
                 )
                 continue
         code = worker.finish(PROCESS_TIMEOUT)
-        done = worker.wait_event("done", 0)
-        if code != 0 or done is None:
+        final = worker.wait_event("done", 0)
+        if code != 0 or final is None:
             raise RuntimeError(f"the {framework} worker failed with exit code {code}:\n{worker.failure()}")
+        done = final
         seen = sum(1 for e in worker.events if e["event"] == "epoch")
         attempts.append(Attempt(restored, None, seen))
         say(f"attempt {len(attempts)}: {resumed}; ran to the end ({seen} epoch(s))")

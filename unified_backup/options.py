@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+from collections.abc import Sequence
 from pathlib import Path
 
-from unified_backup.errors import InvalidArgumentError, UnsupportedFeatureError
+from unified_backup.errors import InvalidArgumentError
+from unified_backup.preemption import parse_signals
 
 EPOCH = "epoch"
 RAISE = "raise"
@@ -21,7 +24,9 @@ class BackupOptions:
         backup_dir: local folder that holds the single backup slot.
         save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
         delete_checkpoint: delete the backup when ``fit`` returns normally.
-        save_before_preemption: back up and stop cleanly on SIGTERM.
+        save_before_preemption: on SIGTERM (``True``) or the listed signals, back up at the next
+            step boundary and stop with :class:`TrainingPreempted` (exit code 143).
+        preemption_signals: the signals ``save_before_preemption`` names (empty when off).
         on_write_error: when a backup cannot be written (disk full, I/O error, read-only folder),
             ``"raise"`` stops training with :class:`BackupWriteError`; ``"warn"`` logs a warning
             and trains on. Either way the previous backup stays committed and intact.
@@ -30,15 +35,16 @@ class BackupOptions:
     backup_dir: Path
     save_freq: str | int = EPOCH
     delete_checkpoint: bool = True
-    save_before_preemption: bool = False
+    save_before_preemption: bool | tuple[str | int, ...] = False
     on_write_error: str = RAISE
+    preemption_signals: tuple[signal.Signals, ...] = ()
 
     def __init__(
         self,
         backup_dir: str | os.PathLike[str],
         save_freq: str | int = EPOCH,
         delete_checkpoint: bool = True,
-        save_before_preemption: bool = False,
+        save_before_preemption: bool | Sequence[str | int] = False,
         on_write_error: str = RAISE,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
@@ -59,30 +65,27 @@ class BackupOptions:
                 f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
                 "Expected either 'epoch' or a positive integer number of optimizer steps."
             )
-        for name, value in (
-            ("delete_checkpoint", delete_checkpoint),
-            ("save_before_preemption", save_before_preemption),
-        ):
-            if not isinstance(value, bool):
-                raise InvalidArgumentError(
-                    f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
-                    "Expected True or False."
-                )
+        if not isinstance(delete_checkpoint, bool):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `delete_checkpoint`. Received: delete_checkpoint="
+                f"{delete_checkpoint!r}. Expected True or False."
+            )
         if on_write_error not in (RAISE, WARN):
             raise InvalidArgumentError(
                 f"Invalid value for argument `on_write_error`. Received: on_write_error={on_write_error!r}. "
                 f"Expected {RAISE!r} (stop training) or {WARN!r} (log a warning and train on)."
             )
-        if save_before_preemption:
-            raise UnsupportedFeatureError(
-                "save_before_preemption=True is not implemented in this version, and it is refused rather "
-                "than silently ignored. Expected save_before_preemption=False. Use save_freq to bound the "
-                "work lost to a preemption meanwhile."
-            )
         object.__setattr__(self, "backup_dir", Path(backup_dir))
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
-        object.__setattr__(self, "save_before_preemption", save_before_preemption)
+        given: bool | tuple = save_before_preemption  # type: ignore[assignment]
+        if not isinstance(save_before_preemption, bool):
+            listed = isinstance(save_before_preemption, Sequence) and not isinstance(
+                save_before_preemption, str
+            )
+            given = tuple(save_before_preemption) if listed else (save_before_preemption,)
+        object.__setattr__(self, "preemption_signals", parse_signals(given))
+        object.__setattr__(self, "save_before_preemption", given)
         object.__setattr__(self, "on_write_error", on_write_error)
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import BackupError, InvalidArgumentError, UnsupportedEnvironmentError
+from unified_backup.manifest import Counters
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that ended on SIGTERM
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ def parse_signals(value: bool | Iterable[int | str]) -> tuple[signal.Signals, ..
     if value is True:
         return (signal.SIGTERM,)
     try:
-        names = list(value)  # type: ignore[arg-type]
-        return tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in names)
+        names = list(value)
+        if not names:
+            raise ValueError("no signal listed")
+        parsed = (signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in names)
+        return tuple(dict.fromkeys(parsed))  # each once, in the order given
     except (KeyError, ValueError, TypeError) as exc:
         raise InvalidArgumentError(
             f"Invalid value for argument `save_before_preemption`. Received: {value!r}. Expected True "
@@ -75,9 +79,11 @@ class PreemptionWatch:
 
     def install(self) -> None:
         self.check_installable()
+        self.uninstall()  # installing twice would make the handler chain to itself
         self.received = None
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+            previous = signal.signal(sig, self._on_signal)
+            self._previous.setdefault(sig, previous)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -87,9 +93,34 @@ class PreemptionWatch:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
         previous = self._previous.get(self.received)
-        if callable(previous):  # e.g. Lightning's own SIGTERM bookkeeping
+        # Chain e.g. Lightning's own SIGTERM bookkeeping, but not Python's Ctrl-C handler: it would
+        # raise KeyboardInterrupt here, before the backup.
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)
 
     def agreed(self, coordinator: Coordinator) -> bool:
         """True on every process once any process has received a signal (call at step boundaries)."""
         return coordinator.any(self.received is not None)
+
+
+def stop_message(cause: str, counters: Counters, backup_dir: object, committed: bool) -> str:
+    """The one line a preempted run logs in both adapters, and the message of ``TrainingPreempted``.
+
+    Args:
+        cause: the signal, e.g. ``"SIGTERM"`` or ``"SIGTERM (received by rank 1)"``.
+        counters: where training stopped.
+        committed: whether the backup of that step was committed (False: its write failed and
+            ``on_write_error="warn"`` let training go on, so the folder keeps the previous one).
+    """
+    where = (
+        f"global step {counters.global_step} ({counters.epoch} epoch(s) done, "
+        f"{counters.step_in_epoch} step(s) into the next)"
+    )
+    if committed:
+        done = f"backed up {where} to {backup_dir} and stopped training"
+    else:
+        done = f"stopped training at {where}; the backup failed (see above), {backup_dir} keeps the last one"
+    return (
+        f"Preempted by {cause}: {done}; exit code {EXIT_PREEMPTED} (TrainingPreempted). "
+        "Run the same training again to resume from there."
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,7 @@ class KerasDriver:
         batch_sleep: float,
         save_freq: str | int = "epoch",
         exact: bool = False,
+        preemption: Sequence[str] = (),
     ) -> list[str]:
         return [
             sys.executable,
@@ -193,4 +195,5 @@ class KerasDriver:
             "--save-freq",
             str(save_freq),
             *(["--shuffle", "--dropout", "0.2"] if exact else []),
+            *(["--save-before-preemption", *preemption] if preemption else []),
         ]

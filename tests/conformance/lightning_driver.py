@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,7 @@ class LightningDriver:
         batch_sleep: float,
         save_freq: str | int = "epoch",
         exact: bool = False,
+        preemption: Sequence[str] = (),
     ) -> list[str]:
         argv = [
             sys.executable,
@@ -214,4 +216,6 @@ class LightningDriver:
             "--save-freq",
             str(save_freq),
         ]
-        return argv + (["--shuffle", "--dropout", "0.2"] if exact else [])
+        if exact:
+            argv += ["--shuffle", "--dropout", "0.2"]
+        return argv + (["--save-before-preemption", *preemption] if preemption else [])

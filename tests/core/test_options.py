@@ -1,6 +1,8 @@
+import signal
+
 import pytest
 
-from unified_backup import BackupError, BackupOptions, InvalidArgumentError, UnsupportedFeatureError
+from unified_backup import BackupOptions, InvalidArgumentError
 
 
 @pytest.mark.parametrize("save_freq", [0, -3, "batch", 1.5, True, None])
@@ -22,10 +24,19 @@ def test_remote_uri_is_refused_with_what_to_do():
         BackupOptions("gs://bucket/backup")
 
 
-def test_preemption_is_refused_not_silently_off(tmp_path):
-    with pytest.raises(UnsupportedFeatureError) as info:
-        BackupOptions(tmp_path, save_before_preemption=True)
-    assert isinstance(info.value, BackupError) and isinstance(info.value, NotImplementedError)
+def test_preemption_signals(tmp_path):
+    assert BackupOptions(tmp_path, save_before_preemption=True).preemption_signals == (signal.SIGTERM,)
+    assert BackupOptions(tmp_path).preemption_signals == ()
+    listed = BackupOptions(tmp_path, save_before_preemption=["SIGTERM", signal.SIGUSR1])
+    assert listed.preemption_signals == (signal.SIGTERM, signal.SIGUSR1)
+    twice = BackupOptions(tmp_path, save_before_preemption=["SIGTERM", signal.SIGTERM])
+    assert twice.preemption_signals == (signal.SIGTERM,)
+
+
+@pytest.mark.parametrize("value", ["SIGNOPE", [], "yes", 3.5, [None]])
+def test_bad_preemption_signals(tmp_path, value):
+    with pytest.raises(InvalidArgumentError, match=r"save_before_preemption.*Expected True \(SIGTERM\)"):
+        BackupOptions(tmp_path, save_before_preemption=value)
 
 
 def test_step_schedule(tmp_path):

@@ -7,6 +7,7 @@ before TensorFlow initialises its devices, and TensorFlow's state is shared by t
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 from keras_impl import BackupAndRestore  # noqa: E402
 from tests.conformance.keras_driver import BATCH, data  # noqa: E402
 from unified_backup import Slot  # noqa: E402
+from unified_backup.preemption import TrainingPreempted  # noqa: E402
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
@@ -37,6 +39,17 @@ class Interrupt(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
             raise RuntimeError("interrupt")
+
+
+class Preempt(Interrupt):
+    """Sends SIGTERM to this process at the end of batch ``at[1]`` of epoch ``at[0]``."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            signal.raise_signal(signal.SIGTERM)
 
 
 class Epochs(keras.callbacks.Callback):
@@ -75,11 +88,13 @@ def flat(run):
     return np.concatenate([w.ravel() for w in run.get_weights()])
 
 
-def scenario(root: Path, save_freq, at):
-    backup_dir = root / f"backup-{save_freq}"
-    callback = BackupAndRestore(backup_dir, save_freq=save_freq)
+def scenario(root: Path, save_freq, at, preempt=False):
+    backup_dir = root / f"backup-{save_freq}-{preempt}"
+    callback = BackupAndRestore(backup_dir, save_freq=save_freq, save_before_preemption=preempt)
     try:
-        fit(model(0), [Interrupt(at), callback])
+        fit(model(0), [Preempt(at) if preempt else Interrupt(at), callback])
+    except TrainingPreempted:  # it has released the folder and the SIGTERM handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     except RuntimeError:
         callback._lifecycle.finish(success=False)
     manifest = Slot(backup_dir).read_manifest()
@@ -105,6 +120,7 @@ def main() -> None:
             "reference_losses": reference_losses,
             "epoch": scenario(Path(root), "epoch", (2, 3)),
             "steps": scenario(Path(root), 3, (2, 6)),
+            "preempted": scenario(Path(root), "epoch", (1, 4), preempt=True),  # SIGTERM after batch 4
         }
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
 

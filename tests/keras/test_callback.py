@@ -18,7 +18,6 @@ from unified_backup import (
     Counters,
     InvalidArgumentError,
     Manifest,
-    UnsupportedFeatureError,
 )
 
 pytestmark = pytest.mark.keras
@@ -100,8 +99,11 @@ def test_arguments_are_validated_and_exposed(tmp_path):
     assert callback.restored is None and callback.stats.backups == 0
     with pytest.raises(InvalidArgumentError, match="save_freq"):
         BackupAndRestore(tmp_path, save_freq=0)
-    with pytest.raises(UnsupportedFeatureError):
-        BackupAndRestore(tmp_path, save_before_preemption=True)
+    assert BackupAndRestore(tmp_path, save_before_preemption=True).save_before_preemption is True
+    listed = BackupAndRestore(tmp_path, save_before_preemption=["SIGTERM", "SIGUSR1"])
+    assert listed.save_before_preemption == ("SIGTERM", "SIGUSR1")
+    with pytest.raises(InvalidArgumentError, match="save_before_preemption"):
+        BackupAndRestore(tmp_path, save_before_preemption=["SIGNOPE"])
 
 
 def test_unbuilt_model_trains_backs_up_and_resumes_exactly(tmp_path):

@@ -38,12 +38,14 @@ def test_mirrored_strategy_interrupted_then_resumed_equals_uninterrupted():
     assert result["replicas"] == 2
     assert result["epoch"]["counters"] == [2, 0, 16]
     assert result["steps"]["counters"] == [2, 5, 21]  # save_freq=3, interrupted before batch 6 of epoch 2
-    for name in ("epoch", "steps"):
+    assert result["preempted"]["counters"] == [1, 5, 13]  # SIGTERM during batch 4 of epoch 1
+    for name, epochs in (("epoch", ["2", "3"]), ("steps", ["2", "3"]), ("preempted", ["1", "2", "3"])):
         outcome = result[name]
-        assert outcome["epochs_run"] == [2, 3] and outcome["iterations"] == 32 and not outcome["left"]
+        assert outcome["epochs_run"] == [int(e) for e in epochs] and outcome["iterations"] == 32
+        assert not outcome["left"]
         np.testing.assert_array_equal(outcome["weights"], result["reference"])
-        # Epoch 2 resumed after 5 batches: its mean loss still counts them (per-replica metric state).
-        assert outcome["losses"] == {e: result["reference_losses"][e] for e in ("2", "3")}
+        # The resumed epoch's mean loss still counts the batches before the backup (per-replica metric state).
+        assert outcome["losses"] == {e: result["reference_losses"][e] for e in epochs}
 
 
 def test_disabled_eager_execution_is_refused():

@@ -1,10 +1,12 @@
 """A 2-process DDP training on CPU (gloo), launched by Lightning itself (``strategy="ddp"``).
 
 ``python -m tests.lightning.ddp_worker OUT_DIR [--backup-dir DIR] [--seed S] [--interrupt E,B]
-[--save-freq epoch|N] [--exact]``
+[--save-freq epoch|N] [--exact] [--sigterm R,E,B]``
 Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
 ``--exact``: dropout 0.2 and shuffled data (Lightning's DistributedSampler), each rank seeded
 differently in ``setup``, so that a resume must restore every rank's own random-number states.
+``--sigterm R,E,B``: with ``save_before_preemption=True``, rank R sends itself SIGTERM after
+batch B of epoch E; a preempted rank exits with code 143.
 Run it in a private network namespace (see test_processes.py).
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from tests.lightning.helpers import NAMESPACES, interrupter, new_model, weights
+from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 
 
 class Report(L.Callback):
@@ -40,6 +45,17 @@ class Report(L.Callback):
         )
 
 
+class SigTerm(L.Callback):
+    """Rank ``rank`` sends itself SIGTERM after batch ``at[1]`` of epoch ``at[0]``."""
+
+    def __init__(self, rank: int, at: tuple[int, int]) -> None:
+        self.rank, self.at = rank, at
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_rank == self.rank and (trainer.current_epoch, args[-1]) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -48,12 +64,21 @@ def main() -> int:
     parser.add_argument("--interrupt")
     parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
     parser.add_argument("--exact", action="store_true")
+    parser.add_argument("--sigterm")
     args = parser.parse_args()
     torch.set_num_threads(1)
     backup_class = NAMESPACES["lightning.pytorch"][1]
-    backup = backup_class(args.backup_dir, save_freq=args.save_freq) if args.backup_dir else None
+    preempt = bool(args.sigterm)
+    backup = (
+        backup_class(args.backup_dir, save_freq=args.save_freq, save_before_preemption=preempt)
+        if args.backup_dir
+        else None
+    )
     report = Report(backup, seed_ranks=args.exact)
     callbacks: list[Any] = [backup, report] if backup else [report]
+    if args.sigterm:
+        rank, epoch, batch = map(int, args.sigterm.split(","))
+        callbacks.insert(0, SigTerm(rank, (epoch, batch)))
     if args.interrupt:
         epoch, batch = map(int, args.interrupt.split(","))
         callbacks.insert(0, interrupter("lightning.pytorch", (epoch, batch)))
@@ -74,11 +99,16 @@ def main() -> int:
         trainer.fit(model)
     except RuntimeError as exc:
         error = str(exc)
+    except TrainingPreempted as exc:
+        error = "preempted"
+        report.record["message"] = str(exc)
     flat = np.concatenate([w.ravel() for w in weights(model)]).astype(float).tolist()
     report.record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report.record))
-    return 0 if error is None else 3
+    code = {None: 0, "preempted": EXIT_PREEMPTED}.get(error, 3)
+    # a child rank's other non-zero exit would make Lightning's launcher SIGKILL rank 0 (its report too)
+    return 0 if trainer.global_rank and code == 3 else code
 
 
 if __name__ == "__main__":

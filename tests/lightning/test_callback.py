@@ -222,6 +222,36 @@ def test_step_backup_due_on_an_epochs_last_batch_is_taken_when_the_epoch_closes(
     assert_same_weights(weights(model), weights(reference))
 
 
+def test_step_based_training_resumes_an_epoch_end_backup_at_the_next_epoch(tmp_path):
+    # max_steps set (max_epochs=-1): Lightning treats every resume as a restart; the backup of a closed
+    # epoch must neither run that epoch's end hooks again (EarlyStopping would count it twice) nor a batch
+    def early_stopping():
+        return EarlyStopping(monitor="train_loss", min_delta=1e9, patience=100)  # counts, never stops
+
+    limits = {"max_steps": 44}  # 5.5 epochs
+    stopper = early_stopping()
+    reference = new_model(scheduler="step")
+    assert fit(reference, None, epochs=-1, callbacks=[stopper], **limits).error is None
+    first = fit(
+        new_model(scheduler="step"),
+        tmp_path / "b",
+        epochs=-1,
+        callbacks=[early_stopping()],
+        interrupt=(2, 3),
+        **limits,
+    )
+    assert first.error is not None
+    assert Slot(tmp_path / "b").read_manifest().epoch == 2
+    resumed_stopper = early_stopping()
+    model = new_model(seed=1, scheduler="step")
+    result = fit(model, tmp_path / "b", epochs=-1, callbacks=[resumed_stopper], **limits)
+    assert result.error is None
+    assert model.seen == [(e, b) for e in range(2, 5) for b in range(8)] + [(5, b) for b in range(4)]
+    assert result.trainer.global_step == 44 and resumed_stopper.wait_count == stopper.wait_count == 5
+    assert_same_weights(weights(model), weights(reference))
+    assert not (tmp_path / "b").exists()
+
+
 def test_fingerprint_names_model_optimizer_and_scheduler(tmp_path):
     assert fit(new_model(scheduler="step"), tmp_path / "b", epochs=2, interrupt=(1, 0)).error is not None
     fingerprint = Slot(tmp_path / "b").read_manifest().fingerprint
@@ -291,7 +321,7 @@ def test_public_api_is_the_same_in_both_namespaces(tmp_path):
     import lightning_impl
     import lightning_impl.pl
     from lightning_impl.callback import BackupAndRestoreMixin
-    from unified_backup import InvalidArgumentError, UnsupportedFeatureError
+    from unified_backup import InvalidArgumentError
 
     assert lightning_impl.__all__ == lightning_impl.pl.__all__ == ["BackupAndRestore"]
     for ns, cls in NAMESPACES.values():
@@ -302,8 +332,11 @@ def test_public_api_is_the_same_in_both_namespaces(tmp_path):
         assert callback.stats.backups == 0
         with pytest.raises(InvalidArgumentError, match="save_freq"):
             cls(tmp_path, save_freq=0)
-        with pytest.raises(UnsupportedFeatureError):
-            cls(tmp_path, save_before_preemption=True)
+        assert cls(tmp_path, save_before_preemption=True).save_before_preemption is True
+        listed = cls(tmp_path, save_before_preemption=["SIGTERM", "SIGUSR1"]).save_before_preemption
+        assert listed == ("SIGTERM", "SIGUSR1")
+        with pytest.raises(InvalidArgumentError, match="save_before_preemption"):
+            cls(tmp_path, save_before_preemption=["SIGNOPE"])
 
 
 def test_strategies_that_restore_after_setup_are_refused(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -94,26 +96,50 @@ def test_restore_in_on_fit_start_restores_model_callbacks_optimizer_scheduler_an
     )
 
 
-def test_epoch_counters_of_a_checkpoint_are_where_mark_epoch_closed_expects_them(tmp_path):
+@pytest.mark.parametrize("step_based", [False, True])
+def test_counters_of_a_checkpoint_are_where_mark_epoch_closed_expects_them(tmp_path, step_based):
     result = fit(new_model(), None, epochs=2)
     result.trainer.save_checkpoint(tmp_path / "state.ckpt", weights_only=False)
     checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=True)
-    _private.mark_epoch_closed(checkpoint)
-    progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+    _private.mark_epoch_closed(checkpoint, step_based=step_based)
+    loops = checkpoint["loops"]["fit_loop"]
+    epochs = {"ready": 3, "started": 2, "processed": 2, "completed": 2}  # at the next epoch's start
+    if not step_based:
+        epochs = {"ready": 2, "started": 2, "processed": 2, "completed": 1}  # at the epoch's end
     for part in ("total", "current"):
-        assert progress[part] == {"ready": 2, "started": 2, "processed": 2, "completed": 1}, CHANGED + str(
-            progress
-        )
+        assert loops["epoch_progress"][part] == epochs, CHANGED + str(loops["epoch_progress"])
+    batches = loops["epoch_loop.batch_progress"]
+    assert batches["total"] == dict.fromkeys(["ready", "started", "processed", "completed"], 16)
+    assert batches["current"] == dict.fromkeys(
+        ["ready", "started", "processed", "completed"], 0 if step_based else 8
+    )
+    assert batches["is_last_batch"] is not step_based
 
 
 def test_mark_epoch_closed_refuses_an_unknown_layout():
     with pytest.raises(BackupError, match="not supported yet"):
-        _private.mark_epoch_closed({"loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 1}}}}})
+        _private.mark_epoch_closed(
+            {"loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 1}}}}}, step_based=False
+        )
     counters = {"ready": 3, "started": 3, "processed": 3, "completed": 2}  # mid-epoch, not a closed epoch
+    progress = {"total": counters, "current": counters}
     with pytest.raises(BackupError, match="started == processed == completed"):
         _private.mark_epoch_closed(
-            {"loops": {"fit_loop": {"epoch_progress": {"total": counters, "current": counters}}}}
+            {"loops": {"fit_loop": {"epoch_progress": progress, "epoch_loop.batch_progress": progress}}},
+            step_based=True,
         )
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_lightning_sigterm_flag_that_a_preemption_watch_takes_over(namespace):
+    trainer = trainer_of(namespace)
+    assert trainer.received_sigterm is False
+    trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+    assert trainer.received_sigterm is True, (
+        CHANGED + "Trainer.received_sigterm no longer reads the connector."
+    )
+    assert _private.clear_received_sigterm(trainer) is True and trainer.received_sigterm is False
+    assert _private.clear_received_sigterm(trainer) is False
 
 
 @pytest.mark.parametrize("namespace", sorted(NAMESPACES))
@@ -192,3 +218,29 @@ def test_validation_follows_predicts_the_validations_inside_an_epoch(namespace):
     assert predicted == ran == [(0, 3), (0, 7), (1, 3), (1, 7)], (
         CHANGED + "_TrainingEpochLoop._should_check_val_fx no longer predicts the validation runs."
     )
+
+
+@pytest.mark.parametrize("fabric", ["lightning.fabric", "lightning_fabric"])
+def test_the_ddp_launchers_child_process_observer_can_be_kept_from_killing_rank_0(fabric):
+    observer_class = importlib.import_module(
+        f"{fabric}.strategies.launchers.subprocess_script"
+    )._ChildProcessObserver
+    exited = subprocess.Popen(["sh", "-c", "exit 143"])  # a rank that stopped on a preemption
+    exited.wait()
+    rank_0 = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]  # stand-ins for the launcher process
+    try:
+        spared, control = (observer_class(r.pid, [exited], sleep_period=0.3) for r in rank_0)
+        spared.start()
+        _private.spare_from_child_process_observer()
+        control.start()
+        spared.join(5)
+        control.join(5)
+        assert not spared.is_alive() and rank_0[0].poll() is None, (
+            CHANGED
+            + "emptying _ChildProcessObserver._child_processes no longer keeps it from killing rank 0."
+        )
+        assert rank_0[1].wait(5) == -signal.SIGKILL, CHANGED + "_ChildProcessObserver no longer kills rank 0."
+    finally:
+        for process in rank_0:
+            process.kill()
+            process.wait()

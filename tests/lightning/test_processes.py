@@ -1,4 +1,4 @@
-"""BackupAndRestore across real processes: Ctrl-C, SIGKILL, a missing framework, and DDP on CPU."""
+"""BackupAndRestore across real processes: Ctrl-C, SIGKILL, preemption signals, a missing framework, DDP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from unified_backup import Slot
 from unified_backup.demo import Worker
 from unified_backup.lock import LOCK_NAME
+from unified_backup.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.lightning
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,8 +74,11 @@ def test_missing_framework_names_the_extra_to_install(module, hidden):
     assert "pip install 'unified-backup[lightning]'" in result.stderr
 
 
-def ddp(out: Path, *args: str) -> list[dict]:
-    """One 2-process DDP fit (gloo on 127.0.0.1) in a private network namespace; each rank's report."""
+def ddp(out: Path, *args: str, exit_code: int = 0) -> list[dict]:
+    """One 2-process DDP fit (gloo on 127.0.0.1) in a private network namespace; each rank's report.
+
+    ``exit_code``: what rank 0's process (Lightning's launcher) must exit with.
+    """
     argv = [
         "unshare",
         "-n",
@@ -95,18 +100,27 @@ def ddp(out: Path, *args: str) -> list[dict]:
         json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()
     ]
     assert len(reports) == 2, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
+    assert result.returncode == exit_code, result.stderr[-4000:]
     return reports
 
 
-def demo(backup_dir: Path, out: Path, batch_sleep: float) -> list[str]:
-    options = ["--epochs", "3", "--batch-sleep", str(batch_sleep), "--save-freq", "5"]
+def demo(backup_dir: Path, out: Path, batch_sleep: float, save_freq: str = "5", *more: str) -> list[str]:
+    """The demo worker's argv: 3 epochs, reshuffled data and dropout (an exact resume must restore both)."""
+    options = ["--epochs", "3", "--batch-sleep", str(batch_sleep), "--save-freq", save_freq, *more]
     argv = [sys.executable, "-m", "lightning_impl.demo", "--backup-dir", str(backup_dir), "--out", str(out)]
     return [*argv, *options, "--shuffle", "--dropout", "0.2"]
 
 
-def test_sigkill_mid_epoch_with_shuffle_and_dropout_resumes_bit_identical(tmp_path):
-    reference = Worker(demo(tmp_path / "reference", tmp_path / "reference.json", 0.0))
+@pytest.fixture(scope="module")
+def demo_reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The final weights of the uninterrupted demo run (backups never change them, whatever save_freq)."""
+    root = tmp_path_factory.mktemp("demo-reference")
+    reference = Worker(demo(root / "b", root / "out.json", 0.0))
     assert reference.finish(120) == 0, reference.failure()
+    return json.loads((root / "out.json").read_text())["weights"]
+
+
+def test_sigkill_mid_epoch_with_shuffle_and_dropout_resumes_bit_identical(tmp_path, demo_reference):
     backup_dir = tmp_path / "b"
     victim = Worker(demo(backup_dir, tmp_path / "out.json", 0.05))
     try:
@@ -125,21 +139,80 @@ def test_sigkill_mid_epoch_with_shuffle_and_dropout_resumes_bit_identical(tmp_pa
     start = survivor.wait_event("start", 0)
     assert (start["restored_epoch"], start["global_step"]) == (manifest.epoch, manifest.global_step)
     assert "cannot be positioned" not in "".join(survivor.stderr)
-    expected = json.loads((tmp_path / "reference.json").read_text())["weights"]
-    assert json.loads((tmp_path / "out.json").read_text())["weights"] == expected
+    assert json.loads((tmp_path / "out.json").read_text())["weights"] == demo_reference
+    assert not backup_dir.exists()
+
+
+def preempted_line(worker: Worker, signal_name: str, manifest, backup_dir: Path) -> None:
+    """Assert that the worker logged exactly one preemption line, naming the signal, the step and more."""
+    expected = (
+        f"WARNING lightning_impl.callback: Preempted by {signal_name}: backed up global step "
+        f"{manifest.global_step} ({manifest.epoch} epoch(s) done, {manifest.step_in_epoch} step(s) into the "
+        f"next) to {backup_dir} and stopped training; exit code 143 (TrainingPreempted). Run the same "
+        "training again to resume from there.\n"
+    )
+    deadline = time.monotonic() + 5  # the reader thread may still be reading the last lines
+    while expected not in worker.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [line for line in worker.stderr if "Preempted" in line] == [expected], worker.failure()
+
+
+def test_preemption_signals_back_up_the_step_exit_143_and_the_resumes_end_bit_identical(
+    tmp_path, demo_reference
+):
+    backup_dir, out = tmp_path / "b", tmp_path / "out.json"
+    slot = Slot(backup_dir)
+
+    def run_until(event: str, sig: signal.Signals, *preemption: str) -> tuple[Worker, int | None]:
+        worker = Worker(demo(backup_dir, out, 0.05, "epoch", "--save-before-preemption", *preemption))
+        try:
+            assert worker.wait_event(event, 120) is not None, worker.failure()
+            worker.wait_event("never", 0.2)  # into the next steps
+            worker.proc.send_signal(sig)
+            return worker, worker.finish(60)
+        finally:
+            if worker.proc.poll() is None:
+                worker.kill()
+
+    # SIGUSR1, listed: the step in progress is finished and backed up, nothing more runs
+    first, code = run_until("epoch", signal.SIGUSR1, "SIGTERM", "SIGUSR1")
+    assert code == EXIT_PREEMPTED, first.failure()
+    stopped = slot.read_manifest()
+    assert stopped.epoch == 1 and stopped.step_in_epoch > 0, stopped  # the step, not the epoch's backup
+    slot.verify(stopped)
+    assert not (backup_dir / LOCK_NAME).exists()
+    preempted_line(first, "SIGUSR1", stopped, backup_dir)
+
+    # SIGTERM (save_before_preemption=True): resumes where the first run stopped, and stops again
+    second, code = run_until("start", signal.SIGTERM)
+    assert code == EXIT_PREEMPTED, second.failure()
+    assert second.wait_event("start", 0)["global_step"] == stopped.global_step
+    again = slot.read_manifest()
+    assert again.global_step > stopped.global_step and again.step_in_epoch > 0, again
+    preempted_line(second, "SIGTERM", again, backup_dir)
+
+    # SIGUSR1, not listed this time: its default action kills the process; the backup stays
+    third, code = run_until("start", signal.SIGUSR1)
+    assert code == -signal.SIGUSR1, third.failure()
+    assert not [line for line in third.stderr if "Preempted" in line]
+    slot.verify(slot.read_manifest())
+
+    last = Worker(demo(backup_dir, out, 0.0, "epoch"))
+    assert last.finish(120) == 0, last.failure()
+    assert json.loads(out.read_text())["weights"] == demo_reference  # nothing doubled, nothing skipped
     assert not backup_dir.exists()
 
 
 @pytest.mark.slow
-def test_ddp_interrupted_mid_epoch_then_resumed_matches_uninterrupted_ddp(tmp_path):
+def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninterrupted_ddp(tmp_path):
     # dropout and DistributedSampler shuffling, each rank seeded apart: the resume must restore both ranks
-    exact = ("--exact", "--save-freq", "3")
-    reference = ddp(tmp_path / "reference", *exact)
+    reference = ddp(tmp_path / "reference", "--exact")
     assert reference[0]["weights"] == reference[1]["weights"]
     assert reference[0]["global_step"] == 12  # 64 samples over 2 ranks, batch 8: 4 steps per epoch
 
     backup_dir = tmp_path / "b"
-    interrupted = ddp(tmp_path / "interrupted", *exact, "--backup-dir", str(backup_dir), "--interrupt", "1,3")
+    options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
+    interrupted = ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
     assert [r["error"] for r in interrupted] == ["interrupt", "interrupt"]
     manifest = Slot(backup_dir).read_manifest()
     assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 2, 6)
@@ -147,10 +220,25 @@ def test_ddp_interrupted_mid_epoch_then_resumed_matches_uninterrupted_ddp(tmp_pa
     assert sorted(p.name for p in backup_dir.iterdir() if p.is_dir()) == [manifest.payload]
     assert sorted(manifest.files) == ["state.ckpt"]
 
-    resumed = ddp(tmp_path / "resumed", *exact, "--backup-dir", str(backup_dir), "--seed", "1")
+    # SIGTERM reaches rank 1 only (Lightning alone: rank 1 stops after its batch, rank 0 fails in its next
+    # collective): both ranks back up global step 10 (a step backup was at 9) and stop there
+    preempted = ddp(
+        tmp_path / "preempted", *options, "--seed", "1", "--sigterm", "1,2,1", exit_code=EXIT_PREEMPTED
+    )
+    for rank in preempted:
+        assert (rank["restored_epoch"], rank["start_step"]) == (1, 6)  # every rank restored the same backup
+        assert rank["seen"][0] == [1, 2]
+        assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 10, [2, 1])
+    manifest = Slot(backup_dir).read_manifest()
+    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (2, 2, 10)
+    assert preempted[0]["message"].startswith(
+        "Preempted by SIGTERM (received by rank 1): backed up global step 10 "
+    )
+
+    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None
-        assert (rank["restored_epoch"], rank["start_step"]) == (1, 6)  # every rank restored the same backup
-        assert rank["seen"][0] == [1, 2] and rank["global_step"] == 12
+        assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
+        assert rank["seen"][0] == [2, 2] and rank["global_step"] == 12
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()

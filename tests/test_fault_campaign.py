@@ -1,0 +1,25 @@
+"""The fault campaign at a small size: real SIGKILLs, half aimed inside the backup write."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.keras
+@pytest.mark.lightning
+def test_small_campaign_resumes_every_kill_from_the_newest_backup(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fault_campaign.py"), "--trials", "4", "--state-mb", "4",
+         "--epochs", "2", "--seed", "3", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    for row in json.loads((tmp_path / "r.json").read_text()):
+        assert row["trials"] == 4 and row["outcomes"] == {"newest": 4}, row
+        assert row["wrong_final_weights"] == 0 and row["leftovers"] == 0 and row["temp_files_left"] == 0
