@@ -16,7 +16,6 @@ from unified_backup.errors import (
     NoBackupError,
     UnsafeBackupError,
     UnsupportedEnvironmentError,
-    UnsupportedFeatureError,
     UnsupportedFormatError,
 )
 from unified_backup.lifecycle import BackupStats, Lifecycle, TrainingState
@@ -50,7 +49,6 @@ __all__ = [
     "TrainingState",
     "UnsafeBackupError",
     "UnsupportedEnvironmentError",
-    "UnsupportedFeatureError",
     "UnsupportedFormatError",
     "__version__",
 ]

@@ -6,11 +6,11 @@ what was expected, what was found, and what the user can do::
     BackupError
     ├── InvalidArgumentError (ValueError)       a constructor argument is wrong
     ├── UnsupportedEnvironmentError (RuntimeError)  e.g. TensorFlow eager execution is off
-    ├── UnsupportedFeatureError (NotImplementedError)  an option this version cannot honour yet
     ├── MissingFrameworkError (ImportError)     an adapter's framework is not installed
     ├── BackupDirInUseError                     another live training owns ``backup_dir``
     ├── NoBackupError (FileNotFoundError)       nothing is committed in ``backup_dir``
     ├── BackupWriteError (OSError)              a backup could not be written; the old one stays
+    ├── TrainingPreempted (SystemExit)          stopped on a signal after a backup (preemption.py)
     └── InvalidBackupError                      a committed backup is refused; nothing was loaded
         ├── CorruptBackupError                  checksum, size, missing or extra file, bad manifest
         ├── UnsupportedFormatError              unknown manifest format or version
@@ -31,10 +31,6 @@ class InvalidArgumentError(BackupError, ValueError):
 
 class UnsupportedEnvironmentError(BackupError, RuntimeError):
     """The framework runs in a mode the library cannot support."""
-
-
-class UnsupportedFeatureError(BackupError, NotImplementedError):
-    """An option that this version cannot honour; raised instead of silently ignoring it."""
 
 
 class MissingFrameworkError(BackupError, ImportError):
@@ -85,6 +81,5 @@ __all__ = [
     "NoBackupError",
     "UnsafeBackupError",
     "UnsupportedEnvironmentError",
-    "UnsupportedFeatureError",
     "UnsupportedFormatError",
 ]
