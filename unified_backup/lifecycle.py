@@ -7,9 +7,10 @@ Adapters map framework hooks to three calls and supply a :class:`TrainingState`:
     finish(success)          fit ends        delete on success (if asked), release the lock
 
 Distributed call order (orbax-style: barrier, all write, barrier, primary commits, barrier):
-    start:  (primary) lock + read + verify -> broadcast outcome -> (all) load -> barrier
-    backup: (primary) stage -> broadcast path -> (all) save -> barrier -> (primary) commit -> barrier
-    finish: barrier -> (primary) delete, unlock
+    start:  (primary) lock + read + verify -> broadcast outcome -> (all) load -> any(failed) -> barrier
+    backup: (primary) stage -> broadcast path -> (all) save -> any(failed) -> (primary) commit
+            -> broadcast outcome
+    finish: [barrier -> (primary) delete, when deleting] -> (primary) unlock
 
 NOTE: every process calls every method; only the primary touches ``backup_dir``'s commit record.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import logging
 import shutil
 import time
@@ -95,23 +97,30 @@ class Lifecycle:
         coordinator = self.coordinator
         self.stats = BackupStats()
         outcome: dict = {}
+        failure: BaseException | None = None
         if coordinator.is_primary:
             try:
                 outcome = {"manifest": self._open(state)}
-            except BackupError as exc:
+            except Exception as exc:  # every process must hear of it, or they would wait forever
                 self._lock.release()
-                outcome = {"error": type(exc).__name__, "message": str(exc)}
+                failure = _as_backup_error(exc, f"Opening the backup in {self.options.backup_dir} failed")
+                outcome = {"error": type(failure).__name__, "message": str(failure)}
         outcome = coordinator.broadcast(outcome)
         if "error" in outcome:
-            raise getattr(errors, outcome["error"], BackupError)(outcome["message"])
+            raise failure or getattr(errors, outcome["error"], BackupError)(outcome["message"])
         manifest = Manifest.from_json(outcome["manifest"]) if outcome["manifest"] else None
         if manifest is not None:
             self._on_phase("restore")
             try:
                 state.load(self.slot.payload_dir(manifest), manifest)
-            except BaseException:
+            except BaseException as exc:
+                failure = exc
+            if coordinator.any(failure is not None):  # all restore, or all stop
                 self._lock.release()
-                raise
+                raise failure or BackupError(
+                    f"Another process failed to restore the backup in {self.options.backup_dir}; "
+                    "its log names the cause. Nothing else was changed."
+                )
             log.info(
                 "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
                 self.options.backup_dir,
@@ -183,37 +192,49 @@ class Lifecycle:
         if not coordinator.is_primary:
             target = staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
         self._on_phase("save")
+        failure: BaseException | None = None
         try:
             target.mkdir(parents=True, exist_ok=True)
             state.save(target)
         except BaseException as exc:
+            failure = exc
             self.slot.discard(target)
-            if not isinstance(exc, OSError):
-                raise
+        if coordinator.any(failure is not None):  # all commit, or none does (replaces a barrier)
+            if coordinator.is_primary and failure is None:
+                self.slot.discard(staged)
+            if failure is not None and not isinstance(failure, OSError):
+                raise failure
             raise BackupWriteError(
-                exc.errno,
-                f"Saving the training state into {target} failed ({exc}); the previous backup in "
-                f"{self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
-            ) from exc
-        coordinator.barrier("unified_backup.saved")
+                getattr(failure, "errno", None) or errno.EIO,
+                f"Saving the training state into {target} failed "
+                f"({failure if failure is not None else 'on another process; its log names the cause'}); "
+                f"the previous backup in {self.options.backup_dir} is still committed and intact. "
+                "Free space or fix permissions.",
+            ) from failure
         manifest = None
+        outcome: dict = {}
         if coordinator.is_primary:
             self._on_phase("commit")
-            manifest = self.slot.commit(
-                staged,
-                {
-                    "framework": state.framework,
-                    "framework_version": state.framework_version,
-                    "epoch": counters.epoch,
-                    "step_in_epoch": counters.step_in_epoch,
-                    "global_step": counters.global_step,
-                    "fingerprint": dict(state.fingerprint()),
-                },
-            )
-            self.stats.last_bytes = manifest.total_bytes
+            try:
+                manifest = self.slot.commit(
+                    staged,
+                    {
+                        "framework": state.framework,
+                        "framework_version": state.framework_version,
+                        "epoch": counters.epoch,
+                        "step_in_epoch": counters.step_in_epoch,
+                        "global_step": counters.global_step,
+                        "fingerprint": dict(state.fingerprint()),
+                    },
+                )
+                self.stats.last_bytes = manifest.total_bytes
+            except BackupWriteError as exc:
+                outcome = {"errno": exc.errno, "message": str(exc)}
         else:
             shutil.rmtree(target, ignore_errors=True)
-        coordinator.barrier("unified_backup.committed")
+        outcome = coordinator.broadcast(outcome)  # replaces the "committed" barrier
+        if outcome:
+            raise BackupWriteError(outcome["errno"], outcome["message"])
         return manifest
 
     def finish(self, success: bool) -> None:
@@ -227,6 +248,12 @@ class Lifecycle:
                 self.coordinator.barrier("unified_backup.finish")
                 if self.coordinator.is_primary:
                     self.slot.delete()
+        except OSError as exc:  # the manifest goes first: nothing is left committed
+            log.warning(
+                "Training finished, but removing the backup files in %s failed (%s).",
+                self.options.backup_dir,
+                exc,
+            )
         finally:
             self._lock.release()
         if delete and self.coordinator.is_primary:
@@ -246,3 +273,14 @@ class Lifecycle:
                 f"{what}() was called while the lifecycle is {self.phase.value}; expected start() first. "
                 "This is a bug in the adapter: please report it."
             )
+
+
+def _as_backup_error(exc: Exception, context: str) -> BackupError:
+    """``exc`` itself when it is a :class:`BackupError`, else one that says what failed and why."""
+    if isinstance(exc, BackupError):
+        return exc
+    if isinstance(exc, OSError):
+        return BackupWriteError(
+            exc.errno, f"{context}: {exc}. Check that backup_dir is readable and writable."
+        )
+    return BackupError(f"{context}: {type(exc).__name__}: {exc}")

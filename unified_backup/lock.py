@@ -1,8 +1,9 @@
 """An owner lock on ``backup_dir``: one live training per folder.
 
 The lock is an ``flock`` on ``.unified-backup.lock``, so the kernel drops it when its process
-dies. The file records the owner; finding the file but taking the lock means its writer died
-without cleaning up, and the lock is taken over with a warning.
+dies (forked children close their inherited copy, so they cannot keep it alive). The file
+records the owner; finding the file but taking the lock means its writer died without cleaning
+up, and the lock is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import threading
 from pathlib import Path
 
-from unified_backup.errors import BackupDirInUseError, BackupWriteError
+from unified_backup.errors import BackupDirInUseError, BackupWriteError, UnsupportedEnvironmentError
 
 try:
     import fcntl
@@ -51,6 +52,8 @@ class DirectoryLock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a finishing training removed the emptied folder: again
+                continue
             except OSError as exc:
                 raise BackupWriteError(
                     exc.errno,
@@ -67,6 +70,13 @@ class DirectoryLock:
                     "backup_dir that no running job uses. Give each training its own backup_dir, "
                     "or stop the other job first."
                 ) from None
+            except OSError as exc:  # e.g. ENOLCK, EOPNOTSUPP: a filesystem without flock
+                os.close(fd)
+                raise UnsupportedEnvironmentError(
+                    f"Cannot lock {self.path} ({exc}): the filesystem of backup_dir does not support "
+                    "flock, so two trainings could not be kept apart. Expected a local or NFS folder with "
+                    "locking; choose another backup_dir."
+                ) from exc
             # The holder may have unlinked the file between our open and our flock: retry on the new one.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -125,6 +135,23 @@ class DirectoryLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def _drop_in_child() -> None:
+    """In a forked child (e.g. a DataLoader worker), close the inherited lock files.
+
+    An flock belongs to the open file, which a fork shares: a child that outlives a killed
+    training would otherwise keep its lock, and the restart would find the folder in use.
+    """
+    for lock, _ in _HELD.values():
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def _read_owner(fd: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -33,6 +34,7 @@ from unified_backup.errors import BackupWriteError, CorruptBackupError, Unsuppor
 from unified_backup.manifest import CHECKSUM_ALGORITHM, MANIFEST_NAME, FileEntry, Manifest
 
 PAYLOAD_PREFIX = "payload-"
+_PAYLOAD_NAME = re.compile(r"payload-\d{8}T\d{6}-[0-9a-f]{8}(\.worker-\d+)?")
 _TMP_MARK = ".tmp-"
 _CHUNK = 8 << 20
 log = logging.getLogger(__name__)
@@ -63,18 +65,18 @@ class Slot:
         return self.directory / manifest.payload
 
     def verify(self, manifest: Manifest) -> None:
-        """Check every payload file against the manifest; raise :class:`CorruptBackupError` if any differs."""
+        """Check every payload file against the manifest.
+
+        Raises :class:`CorruptBackupError` naming the first file that differs, is missing or is extra,
+        and :class:`UnsupportedFormatError` for a checksum algorithm this version does not know.
+        """
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
             raise UnsupportedFormatError(
                 f"{self.manifest_path} uses checksum {manifest.checksum_algorithm!r}; this version "
                 f"verifies {CHECKSUM_ALGORITHM!r}. Upgrade unified-backup to restore it."
             )
         payload = self.payload_dir(manifest)
-        if (
-            not manifest.payload.startswith(PAYLOAD_PREFIX)
-            or os.sep in manifest.payload
-            or not payload.is_dir()
-        ):
+        if _PAYLOAD_NAME.fullmatch(manifest.payload) is None or not payload.is_dir():
             raise CorruptBackupError(
                 f"{self.manifest_path} names payload folder {manifest.payload!r}, which does not exist "
                 f"in {self.directory}. The backup is incomplete; delete it to start fresh."
@@ -123,6 +125,7 @@ class Slot:
                 files[name] = FileEntry(path.stat().st_size, checksum_file(path, sync=True))
             for folder, _, _ in os.walk(staged):
                 fsync_dir(Path(folder))
+            fsync_dir(self.directory)  # the staging folder's own entry
             manifest = Manifest(files=files, payload=staged.name, **manifest_fields)
             previous = self._committed_payload()
             tmp = self.directory / f"{MANIFEST_NAME}{_TMP_MARK}{secrets.token_hex(4)}"
@@ -131,7 +134,6 @@ class Slot:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.manifest_path)  # the commit
-            fsync_dir(self.directory)
         except OSError as exc:
             self.discard(staged)
             raise BackupWriteError(
@@ -139,8 +141,14 @@ class Slot:
                 f"Writing the backup into {self.directory} failed ({exc}); the previous "
                 "backup is still committed and intact. Free space or fix permissions on backup_dir.",
             ) from exc
-        if previous is not None and previous != staged.name:
-            shutil.rmtree(self.directory / previous, ignore_errors=True)
+        try:
+            fsync_dir(self.directory)
+            if previous is not None and previous != staged.name:
+                shutil.rmtree(self.directory / previous)
+        except OSError as exc:  # committed already: never undo it; the next start cleans up
+            log.warning(
+                "The backup in %s is committed, but finishing the commit failed (%s).", self.directory, exc
+            )
         return manifest
 
     def discard(self, staged: Path) -> None:
@@ -160,7 +168,7 @@ class Slot:
         keep = manifest.payload if manifest else None
         removed = []
         for entry in self.directory.iterdir():
-            staged = entry.name.startswith(PAYLOAD_PREFIX) and entry.name != keep and entry.is_dir()
+            staged = is_payload(entry) and entry.name != keep
             if staged or entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
@@ -183,7 +191,7 @@ class Slot:
         self.manifest_path.unlink(missing_ok=True)
         fsync_dir(self.directory)
         for entry in self.directory.iterdir():
-            if entry.name.startswith(PAYLOAD_PREFIX) and entry.is_dir():
+            if is_payload(entry):
                 shutil.rmtree(entry)
             elif entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
                 entry.unlink()
@@ -201,6 +209,11 @@ class Slot:
         except (CorruptBackupError, UnsupportedFormatError):
             return None
         return manifest.payload if manifest else None
+
+
+def is_payload(path: Path) -> bool:
+    """Whether ``path`` is a payload folder this library made (a user's ``payload-images/`` is not)."""
+    return _PAYLOAD_NAME.fullmatch(path.name) is not None and path.is_dir()
 
 
 def checksum_file(path: Path, *, sync: bool) -> str:

@@ -83,3 +83,32 @@ def test_sigkill_during_commits_always_leaves_one_complete_backup(tmp_path):
         assert (payload / "weights.bin").read_bytes()[:1] == bytes([manifest.epoch % 256])
         seen.append(manifest.epoch)
     assert seen == sorted(seen) and seen[-1] > 12, seen
+
+
+HOLD_AND_FORK = textwrap.dedent(
+    """
+    import os, sys, time
+    from unified_backup.lock import DirectoryLock
+    DirectoryLock(sys.argv[1]).acquire()
+    if os.fork() == 0:  # a forked helper (e.g. a DataLoader worker) that outlives the training
+        time.sleep(30)
+        os._exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_forked_child_does_not_keep_a_killed_owner_s_lock(tmp_path):
+    owner = start(HOLD_AND_FORK, str(tmp_path))
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    lock = DirectoryLock(tmp_path)
+    deadline = time.monotonic() + 5  # the child closes its copy as soon as it runs (it sleeps 30 s)
+    while not lock.held:
+        try:
+            lock.acquire()
+        except BackupDirInUseError:
+            assert time.monotonic() < deadline, "a forked child kept the dead owner's lock"
+            time.sleep(0.05)
+    lock.release()
