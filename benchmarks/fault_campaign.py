@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unified_backup.demo import WORKERS, Worker
+from unified_backup.demo import WORKERS, Worker, worker_argv
 from unified_backup.slot import PAYLOAD_PREFIX, Slot
 
 KILLS_PER_TRAINING = 4
@@ -44,12 +44,15 @@ def hidden_units(state_mb: float) -> int:
     return max(16, int(state_mb * 1e6 / (3 * 6 * 4)))
 
 
-def worker_argv(framework: str, backup_dir: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    return [
-        sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
-        "--epochs", str(args.epochs), "--hidden", str(hidden_units(args.state_mb)),
-        "--save-freq", str(args.save_freq),
-    ]  # fmt: skip
+def campaign_argv(framework: str, backup_dir: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    return worker_argv(
+        framework,
+        backup_dir,
+        out,
+        epochs=args.epochs,
+        save_freq=args.save_freq,
+        hidden=hidden_units(args.state_mb),
+    )
 
 
 def final_digest(out: Path) -> str:
@@ -77,7 +80,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
     say = lambda text: print(f"[{framework}] {text}", file=sys.stderr, flush=True)  # noqa: E731
     reference_out = root / f"{framework}-reference.json"
     began = time.monotonic()
-    worker = Worker(worker_argv(framework, root / f"{framework}-reference", reference_out, args))
+    worker = Worker(campaign_argv(framework, root / f"{framework}-reference", reference_out, args))
     if worker.finish(TIMEOUT) != 0:
         raise RuntimeError(f"reference run failed:\n{worker.failure()}")
     expected = final_digest(reference_out)
@@ -91,7 +94,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
         pending: tuple[int | None, str] | None = None  # (newest committed global step at the kill, how aimed)
         kills = 0
         while True:
-            worker = Worker(worker_argv(framework, backup_dir, out, args))
+            worker = Worker(campaign_argv(framework, backup_dir, out, args))
             start = worker.wait_event("start", TIMEOUT)
             if pending is not None:
                 newest, _ = pending

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 EVENT_PREFIX = "UB-EVENT "
@@ -102,21 +103,34 @@ class Worker:
         return "".join(self.stderr[-15:])
 
 
-def _worker_argv(framework: str, backup_dir: Path, out: Path, epochs: int, batch_sleep: float) -> list[str]:
-    module = WORKERS[framework][0]
-    return [
-        sys.executable,
-        "-m",
-        module,
-        "--backup-dir",
-        str(backup_dir),
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        "--batch-sleep",
-        str(batch_sleep),
-    ]
+def worker_argv(
+    framework: str,
+    backup_dir: Path,
+    out: Path,
+    *,
+    epochs: int,
+    batch_sleep: float = 0.0,
+    save_freq: str | int = "epoch",
+    exact: bool = False,
+    preemption: Sequence[str] = (),
+    hidden: int | None = None,
+) -> list[str]:
+    """argv of a framework's demo worker (``python -m <adapter>.demo``), the same flags for both.
+
+    ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
+    ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size).
+    """
+    argv = [
+        sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
+        "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
+    ]  # fmt: skip
+    if exact:
+        argv += ["--shuffle", "--dropout", "0.2"]
+    if preemption:
+        argv += ["--save-before-preemption", *preemption]
+    if hidden is not None:
+        argv += ["--hidden", str(hidden)]
+    return argv
 
 
 def _run_to_end(argv: list[str]) -> tuple[Worker, dict, dict]:
@@ -133,14 +147,14 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
     ref_out, out = workdir / f"{framework}-reference.json", workdir / f"{framework}-resumed.json"
     say("reference run, uninterrupted ...")
     _, _, done = _run_to_end(
-        _worker_argv(framework, workdir / f"{framework}-reference", ref_out, epochs, 0.0)
+        worker_argv(framework, workdir / f"{framework}-reference", ref_out, epochs=epochs)
     )
     say(f"  done: {done['backups']} backups took {done['backup_seconds']:.2f} s")
     backup_dir = workdir / f"{framework}-backup"
     expected = epochs * STEPS_PER_EPOCH * BATCH_SLEEP
     attempts: list[Attempt] = []
     while True:
-        worker = Worker(_worker_argv(framework, backup_dir, out, epochs, BATCH_SLEEP))
+        worker = Worker(worker_argv(framework, backup_dir, out, epochs=epochs, batch_sleep=BATCH_SLEEP))
         start = worker.wait_event("start", PROCESS_TIMEOUT)
         if start is None:
             worker.finish(PROCESS_TIMEOUT)

@@ -10,7 +10,6 @@ cannot override, so a job restarted with another ``seed`` would read another ord
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_impl import BackupAndRestore
+from unified_backup.demo import worker_argv
 
 from .driver import STEPS_PER_EPOCH, FitResult, Interrupt
 
@@ -180,20 +180,7 @@ class KerasDriver:
         exact: bool = False,
         preemption: Sequence[str] = (),
     ) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "keras_impl.demo",
-            "--backup-dir",
-            str(backup_dir),
-            "--out",
-            str(out),
-            "--epochs",
-            str(epochs),
-            "--batch-sleep",
-            str(batch_sleep),
-            "--save-freq",
-            str(save_freq),
-            *(["--shuffle", "--dropout", "0.2"] if exact else []),
-            *(["--save-before-preemption", *preemption] if preemption else []),
-        ]
+        return worker_argv(
+            self.name, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep, save_freq=save_freq,
+            exact=exact, preemption=preemption,
+        )  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_impl import BackupAndRestore
 from tests.conformance.driver import STEPS_PER_EPOCH, FitResult, Interrupt
+from unified_backup.demo import worker_argv
 
 SAMPLES = 64
 BATCH = SAMPLES // STEPS_PER_EPOCH
@@ -201,21 +201,7 @@ class LightningDriver:
         exact: bool = False,
         preemption: Sequence[str] = (),
     ) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "lightning_impl.demo",
-            "--backup-dir",
-            str(backup_dir),
-            "--out",
-            str(out),
-            "--epochs",
-            str(epochs),
-            "--batch-sleep",
-            str(batch_sleep),
-            "--save-freq",
-            str(save_freq),
-        ]
-        if exact:
-            argv += ["--shuffle", "--dropout", "0.2"]
-        return argv + (["--save-before-preemption", *preemption] if preemption else [])
+        return worker_argv(
+            self.name, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep, save_freq=save_freq,
+            exact=exact, preemption=preemption,
+        )  # fmt: skip
