@@ -9,9 +9,11 @@ the same reason (``np.random.get_state()`` itself holds a NumPy array, which tha
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ class LightningState:
         whether the check failed, so that all of them raise.
         """
         path = directory / FILENAME
-        self.trainer.save_checkpoint(path, weights_only=False)
+        with _temporary_files_in(directory):
+            self.trainer.save_checkpoint(path, weights_only=False)
         if self._checked:
             return
         self._checked = True
@@ -96,6 +99,22 @@ class LightningState:
                 "keep non-tensor objects (numpy arrays, custom classes) out of hyperparameters and callback "
                 "states."
             ) from exc
+
+
+@contextlib.contextmanager
+def _temporary_files_in(directory: Path) -> Iterator[None]:
+    """Make ``Trainer.save_checkpoint``'s temporary file land in our staging folder, not in $TMPDIR.
+
+    Lightning writes the checkpoint to ``tempfile.mkstemp()`` and then moves it (fsspec's
+    transaction). A kill inside that write left a state-sized file in $TMPDIR for good (48 of 200
+    kills in the fault campaign); inside the staging folder it goes with the staging folder, and
+    the move becomes a rename on the same filesystem.
+    """
+    previous, tempfile.tempdir = tempfile.tempdir, str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def _refused_by_safe_load(path: Path) -> str | None:

@@ -351,3 +351,25 @@ def test_strategies_that_restore_after_setup_are_refused(tmp_path):
     assert isinstance(result.error, UnsupportedEnvironmentError), repr(result.error)
     assert "Sharded strategy" in str(result.error)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_checkpoint_s_temporary_file_is_written_inside_the_staging_folder(tmp_path):
+    """Lightning writes a temporary file and moves it: a kill inside that write must leave the file in
+    our staging folder (removed at the next start), never in $TMPDIR (where it stayed for good)."""
+    import tempfile
+
+    seen: list[str] = []
+
+    class WhereTemporaryFilesGo(L.Callback):
+        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+            seen.append(tempfile.gettempdir())
+
+    before = tempfile.gettempdir()
+    result = fit(
+        new_model("lightning.pytorch"), tmp_path / "b", epochs=2, callbacks=[WhereTemporaryFilesGo()]
+    )
+    assert result.error is None and len(seen) >= 1
+    assert all(
+        pathlib.Path(d).parent == tmp_path / "b" and pathlib.Path(d).name.startswith("payload-") for d in seen
+    )
+    assert tempfile.gettempdir() == before
