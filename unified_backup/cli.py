@@ -17,7 +17,6 @@ from unified_backup.manifest import Manifest
 from unified_backup.slot import Slot
 
 EXIT_BAD = 1
-EXIT_USAGE = 2
 
 
 def _committed(directory: str) -> tuple[Slot, Manifest]:
