@@ -14,7 +14,9 @@ what the next start restores:
     load-error  the restart failed to load
 Each completed training's final weights are compared with an uninterrupted run (``wrong`` if
 they differ), ``backup_dir`` must be gone after it (``leftovers`` otherwise), and the workers'
-private ``TMPDIR`` must be empty at the end (``tmp left`` otherwise).
+private ``TMPDIR`` must be empty at the end (``tmp left`` otherwise). With ``--keep-previous`` the
+workers keep a second slot, and after every kill its record must still verify (``prev bad``
+otherwise); without it that column shows ``-``.
 
     python benchmarks/fault_campaign.py --trials 200            # the full campaign (about an hour)
     python benchmarks/fault_campaign.py --trials 6 --state-mb 5  # a smoke run (CI runs this size)
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 from unified_backup.demo import WORKERS, Worker, worker_argv
+from unified_backup.errors import InvalidBackupError
 from unified_backup.slot import PAYLOAD_PREFIX, Slot
 
 KILLS_PER_TRAINING = 4
@@ -52,6 +55,7 @@ def campaign_argv(framework: str, backup_dir: Path, out: Path, args: argparse.Na
         epochs=args.epochs,
         save_freq=args.save_freq,
         hidden=hidden_units(args.state_mb),
+        keep_previous=args.keep_previous,
     )
 
 
@@ -59,16 +63,35 @@ def final_digest(out: Path) -> str:
     return json.loads(out.read_text())["weights_sha256"]
 
 
-def staging_started(backup_dir: Path, committed: str | None) -> bool:
+def staging_started(backup_dir: Path, committed: set[str]) -> bool:
     try:
-        return any(p.name.startswith(PAYLOAD_PREFIX) and p.name != committed for p in backup_dir.iterdir())
+        names = (p.name for p in backup_dir.iterdir())
+        return any(name.startswith(PAYLOAD_PREFIX) and name not in committed for name in names)
     except FileNotFoundError:
         return False
 
 
-def committed_payload(backup_dir: Path) -> tuple[str | None, int | None]:
+def committed_payloads(backup_dir: Path) -> set[str]:
+    """The payload folders a manifest names: the newest backup's and (keep_previous) the previous one's."""
+    slot = Slot(backup_dir)
+    return {m.payload for m in (slot.read_manifest(), slot.read_previous()) if m is not None}
+
+
+def newest_step(backup_dir: Path) -> int | None:
     manifest = Slot(backup_dir).read_manifest()
-    return (manifest.payload, manifest.global_step) if manifest else (None, None)
+    return manifest.global_step if manifest else None
+
+
+def previous_is_bad(backup_dir: Path) -> bool:
+    """With keep_previous: the previous backup's record exists but it would be refused."""
+    slot = Slot(backup_dir)
+    try:
+        previous = slot.read_previous()
+        if previous is not None:
+            slot.verify(previous, record=slot.previous_path)
+    except InvalidBackupError:
+        return True
+    return False
 
 
 def temp_leftovers(tmpdir: Path) -> int:
@@ -86,7 +109,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
     expected = final_digest(reference_out)
     write_time = max(0.05, args.state_mb / 300.0)  # generous bound of one backup's write + checksum
     counts: collections.Counter[str] = collections.Counter()
-    aimed = trainings = wrong = leftovers = 0
+    aimed = trainings = wrong = leftovers = previous_bad = 0
     trial = 0
     while trial < args.trials:
         trainings += 1
@@ -118,7 +141,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
                     counts["load-error"] += 1
                     say(f"training {trainings} failed:\n{worker.failure()}")
                 break
-            committed, _ = committed_payload(backup_dir)
+            committed = committed_payloads(backup_dir)
             if rng.random() < 0.5:  # aim inside the write: wait for the staging folder, then kill
                 deadline = time.monotonic() + TIMEOUT
                 while not staging_started(backup_dir, committed) and worker.proc.poll() is None:
@@ -136,8 +159,8 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
             kills += 1
             trial += 1
             aimed += how == "in-write"
-            _, newest = committed_payload(backup_dir)
-            pending = (newest, how)
+            pending = (newest_step(backup_dir), how)
+            previous_bad += args.keep_previous and previous_is_bad(backup_dir)
         if out.exists():
             wrong += final_digest(out) != expected
             leftovers += backup_dir.exists()
@@ -150,6 +173,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
         "outcomes": dict(counts),
         "wrong_final_weights": wrong,
         "leftovers": leftovers,
+        "previous_bad": previous_bad if args.keep_previous else None,
         "temp_files_left": temp_leftovers(Path(os.environ["TMPDIR"])),
         "wall_s": round(time.monotonic() - began, 1),
     }
@@ -168,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--keep-previous", action="store_true", help="train with keep_previous=True; check the second slot"
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fault-campaign-"))
@@ -180,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(campaign(framework, args, rng, root))
     print(
         f"{'adapter':<10} {'kills':>5} {'in write':>8} {'newest':>6} {'older':>5} {'scratch':>7} "
-        f"{'load err':>8} {'wrong':>5} {'leftover':>8} {'tmp left':>8} {'wall s':>7}"
+        f"{'load err':>8} {'wrong':>5} {'leftover':>8} {'tmp left':>8} {'prev bad':>8} {'wall s':>7}"
     )
     failed = False
     for r in results:
@@ -188,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['framework']:<10} {r['trials']:>5} {r['aimed_in_write']:>8} {o.get('newest', 0):>6} "
             f"{o.get('older', 0):>5} {o.get('scratch', 0):>7} {o.get('load-error', 0):>8} "
-            f"{r['wrong_final_weights']:>5} {r['leftovers']:>8} {r['temp_files_left']:>8} {r['wall_s']:>7}"
+            f"{r['wrong_final_weights']:>5} {r['leftovers']:>8} {r['temp_files_left']:>8} "
+            f"{'-' if r['previous_bad'] is None else r['previous_bad']:>8} {r['wall_s']:>7}"
         )
         failed |= o.get("newest", 0) != r["trials"] or r["wrong_final_weights"] > 0
-        failed |= r["leftovers"] > 0 or r["temp_files_left"] > 0
+        failed |= r["leftovers"] > 0 or r["temp_files_left"] > 0 or bool(r["previous_bad"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

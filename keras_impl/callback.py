@@ -50,9 +50,15 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         save_before_preemption: bool | Sequence[str | int] = False,
         *,
         on_write_error: str = "raise",
+        keep_previous: bool = False,
     ) -> None:
         super().__init__(
-            backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
+            backup_dir,
+            save_freq,
+            delete_checkpoint,
+            save_before_preemption,
+            on_write_error=on_write_error,
+            keep_previous=keep_previous,
         )
         if not tf.executing_eagerly():
             raise UnsupportedEnvironmentError(
@@ -82,7 +88,7 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         # Without a strategy, fit builds the model in its first step. To restore now, before the input
         # draws the epoch's order, build it as fit does under a strategy; where the input's structure is
         # unknown, restore at the first step (before it trains), but tell fit now where to start.
-        peeked = None if self.model.built else self._lifecycle.slot.read_manifest()
+        peeked = None if self.model.built else self._lifecycle.peek(self._state.framework)
         if peeked is not None and self._input.element_spec is not None:
             self.model._symbolic_build(data_batch=self._input.element_spec)
         if self.model.built or peeked is None:

@@ -2,7 +2,7 @@
 
 ``python -m keras_impl.demo --backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
 [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE] [--hidden 16]
-[--save-before-preemption [SIGNAL ...]]``
+[--save-before-preemption [SIGNAL ...]] [--keep-previous]``
 
 Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json
 (and their ``weights_sha256``: of the float64 little-endian bytes, in the same order).
@@ -11,7 +11,8 @@ those of an uninterrupted run. ``--shuffle`` reshuffles the samples at every epo
 ``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``);
 ``--dropout RATE`` adds a Dropout layer after the hidden one: the result is still bit-identical.
 ``--save-before-preemption`` alone stops on SIGTERM, with names (``SIGTERM SIGUSR1``) on those: the
-worker backs up the step, logs one warning on stderr and exits with code 143.
+worker backs up the step, logs one warning on stderr and exits with code 143. ``--keep-previous``
+passes ``keep_previous=True`` (the second slot).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="back up and stop on SIGTERM (no value) or on the signals named",
     )
+    parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
     return parser.parse_args(argv)
 
 
@@ -105,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     listed = args.save_before_preemption  # None: off; []: SIGTERM; names: those
     preemption: bool | list[str] = False if listed is None else (listed or True)
-    backup = BackupAndRestore(args.backup_dir, save_freq=args.save_freq, save_before_preemption=preemption)
+    backup = BackupAndRestore(
+        args.backup_dir,
+        save_freq=args.save_freq,
+        save_before_preemption=preemption,
+        keep_previous=args.keep_previous,
+    )
     epochs_run: list[int] = []
 
     class Events(keras.callbacks.Callback):

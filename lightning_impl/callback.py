@@ -79,9 +79,15 @@ class BackupAndRestoreMixin(BackupCallback):
         save_before_preemption: bool | Sequence[str | int] = False,
         *,
         on_write_error: str = RAISE,
+        keep_previous: bool = False,
     ) -> None:
         super().__init__(
-            backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
+            backup_dir,
+            save_freq,
+            delete_checkpoint,
+            save_before_preemption,
+            on_write_error=on_write_error,
+            keep_previous=keep_previous,
         )
         self._state: LightningState | None = None
         self._close_pending = False  # an epoch ended (or a due step backup hit its last batch)

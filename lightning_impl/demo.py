@@ -1,7 +1,7 @@
 """The Lightning demo worker: ``python -m lightning_impl.demo --backup-dir DIR --out OUT.json``.
 
 ``[--epochs 10] [--seed 0] [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE]
-[--hidden 16] [--save-before-preemption [SIGNAL ...]]``
+[--hidden 16] [--save-before-preemption [SIGNAL ...]] [--keep-previous]``
 
 Trains the demo MLP with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines on stdout
 (start, one per closed epoch, done); writes the final weights, and their sha256, to ``--out`` on
@@ -11,7 +11,7 @@ global generator); ``--dropout RATE`` adds a Dropout layer after the hidden one:
 resumed run still ends bit-identical to an uninterrupted one, with ``--save-freq N`` too.
 ``--hidden N`` sets the hidden width (the size of the state). ``--save-before-preemption`` alone
 stops on SIGTERM, with signal names (``SIGTERM SIGUSR1``) on those: the run backs up its step and
-exits with code 143.
+exits with code 143. ``--keep-previous`` passes ``keep_previous=True`` (the second slot).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SIGNAL",
         help="back up and stop (exit code 143) on SIGTERM, or on the signals named",
     )
+    parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
     return parser.parse_args(argv)
 
 
@@ -130,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     save_freq: str | int = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     signals = args.save_before_preemption
     preemption = False if signals is None else (signals or True)
-    backup = BackupAndRestore(args.backup_dir, save_freq=save_freq, save_before_preemption=preemption)
+    backup = BackupAndRestore(
+        args.backup_dir,
+        save_freq=save_freq,
+        save_before_preemption=preemption,
+        keep_previous=args.keep_previous,
+    )
     events = Events(backup, args.batch_sleep)
     model = DemoModel(args.seed, shuffle=args.shuffle, dropout=args.dropout, hidden=args.hidden)
     trainer = L.Trainer(

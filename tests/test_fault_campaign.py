@@ -13,13 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.keras
 @pytest.mark.lightning
-def test_small_campaign_resumes_every_kill_from_the_newest_backup(tmp_path):
+@pytest.mark.parametrize("keep_previous", [False, True], ids=["one-slot", "keep-previous"])
+def test_small_campaign_resumes_every_kill_from_the_newest_backup(tmp_path, keep_previous):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fault_campaign.py"), "--trials", "4", "--state-mb", "4",
-         "--epochs", "2", "--seed", "3", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+         "--epochs", "2", "--seed", "3", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
+         *(["--keep-previous"] if keep_previous else [])],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     for row in json.loads((tmp_path / "r.json").read_text()):
         assert row["trials"] == 4 and row["outcomes"] == {"newest": 4}, row
         assert row["wrong_final_weights"] == 0 and row["leftovers"] == 0 and row["temp_files_left"] == 0
+        assert row["previous_bad"] == (0 if keep_previous else None), row

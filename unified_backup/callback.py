@@ -30,7 +30,9 @@ class BackupCallback:
         save_before_preemption: on SIGTERM (``True``) or the signals listed (e.g.
             ``["SIGTERM", "SIGUSR1"]``), back up at the next step boundary and stop.
         on_write_error: ``"raise"`` stops training when a backup cannot be written; ``"warn"``
-            logs a warning and trains on. The previous backup stays intact either way.
+            logs a warning and trains on. The last backup stays intact either way.
+        keep_previous: also keep the backup before the newest, and restore it (with a warning)
+            when the newest is refused as corrupt. Off by default; two backups on disk.
     """
 
     def __init__(
@@ -41,11 +43,17 @@ class BackupCallback:
         save_before_preemption: bool | Sequence[str | int] = False,
         *,
         on_write_error: str = RAISE,
+        keep_previous: bool = False,
         on_phase: Callable[[str], None] = _ignore_phase,
     ) -> None:
         super().__init__()
         self._options = BackupOptions(
-            backup_dir, save_freq, delete_checkpoint, save_before_preemption, on_write_error=on_write_error
+            backup_dir,
+            save_freq,
+            delete_checkpoint,
+            save_before_preemption,
+            on_write_error=on_write_error,
+            keep_previous=keep_previous,
         )
         if self._options.preemption_signals:
             PreemptionWatch.check_installable()  # raise now rather than be silently off later
@@ -70,6 +78,10 @@ class BackupCallback:
     @property
     def on_write_error(self) -> str:
         return self._options.on_write_error
+
+    @property
+    def keep_previous(self) -> bool:
+        return self._options.keep_previous
 
     @property
     def restored(self) -> Manifest | None:

@@ -55,19 +55,43 @@ def _inspect(args: argparse.Namespace) -> int:
         ),
         ("format", f"{manifest.format} v{manifest.version}"),
     ]
+    previous = _previous(slot)
+    if previous is not None:
+        rows.append(("previous", f"{slot.payload_dir(previous)} (global step {previous.global_step})"))
     for name, value in rows:
         print(f"{name:>10}  {value}")
     return 0
 
 
+def _previous(slot: Slot) -> Manifest | None:
+    """The previous backup kept by ``keep_previous=True``; None if none (or unreadable: verify says)."""
+    try:
+        return slot.read_previous()
+    except BackupError:
+        return None
+
+
 def _verify(args: argparse.Namespace) -> int:
     slot, manifest = _committed(args.dir)
     slot.verify(manifest)
-    print(
-        f"OK: {len(manifest.files)} file(s), {manifest.total_bytes:,} bytes match their "
-        f"{manifest.checksum_algorithm} checksums ({manifest.framework}, {manifest.epoch} epoch(s) done)."
-    )
+    print(f"OK: {_verified(manifest)}")
+    try:  # kept by keep_previous=True: the fallback must be sound too
+        previous = slot.read_previous()
+        if previous is not None:
+            slot.verify(previous, record=slot.previous_path)
+    except BackupError as exc:
+        raise type(exc)(f"The newest backup is sound, but the previous one is not: {exc}") from exc
+    if previous is not None:
+        print(f"OK (previous backup): {_verified(previous)}")
     return 0
+
+
+def _verified(manifest: Manifest) -> str:
+    return (
+        f"{len(manifest.files)} file(s), {manifest.total_bytes:,} bytes match their "
+        f"{manifest.checksum_algorithm} checksums ({manifest.framework}, {manifest.epoch} epoch(s) done, "
+        f"global step {manifest.global_step})."
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -114,11 +114,13 @@ def worker_argv(
     exact: bool = False,
     preemption: Sequence[str] = (),
     hidden: int | None = None,
+    keep_previous: bool = False,
 ) -> list[str]:
     """argv of a framework's demo worker (``python -m <adapter>.demo``), the same flags for both.
 
     ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
-    ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size).
+    ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);
+    ``keep_previous`` passes ``keep_previous=True``.
     """
     argv = [
         sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
@@ -130,6 +132,8 @@ def worker_argv(
         argv += ["--save-before-preemption", *preemption]
     if hidden is not None:
         argv += ["--hidden", str(hidden)]
+    if keep_previous:
+        argv.append("--keep-previous")
     return argv
 
 

@@ -29,7 +29,14 @@ from typing import Protocol
 
 from unified_backup import errors, fingerprint
 from unified_backup.coordinator import Coordinator, SingleProcess
-from unified_backup.errors import BackupError, BackupWriteError, IncompatibleBackupError
+from unified_backup.errors import (
+    BackupError,
+    BackupWriteError,
+    CorruptBackupError,
+    IncompatibleBackupError,
+    InvalidBackupError,
+    UnsupportedFormatError,
+)
 from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import Counters, Manifest
 from unified_backup.options import WARN, BackupOptions
@@ -78,13 +85,14 @@ class Lifecycle:
         on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
-        self.slot = Slot(options.backup_dir)
+        self.slot = Slot(options.backup_dir, keep_previous=options.keep_previous)
         self.coordinator: Coordinator = coordinator or SingleProcess()
         self.phase = Phase.IDLE
         self.restored: Manifest | None = None
         self.stats = BackupStats()
         self._lock = DirectoryLock(options.backup_dir)
         self._on_phase = on_phase or (lambda name: None)
+        self._peeked: tuple | None = None  # (records key, manifest, refused) chosen by peek()
 
     def start(self, state: TrainingState) -> Manifest | None:
         """Restore the committed backup, if any, into ``state``; return its manifest.
@@ -133,22 +141,98 @@ class Lifecycle:
         self.phase = Phase.RUNNING
         return manifest
 
+    def peek(self, framework: str) -> Manifest | None:
+        """(single process) Lock and verify now; return the manifest that ``start`` will restore.
+
+        For an adapter that must set up ``fit`` (e.g. its first epoch) before the model can be
+        fingerprinted. Nothing on disk changes here; ``start`` reuses the verified choice while the
+        records are unchanged, so the backup is read and hashed once.
+        """
+        if not isinstance(self.coordinator, SingleProcess):
+            raise BackupError("Lifecycle.peek() serves single-process adapters; this bug is the adapter's.")
+        try:
+            self._lock.acquire()
+            self._peeked = (self.slot.records_key(), *self._select(framework))
+        except BackupError:
+            self._lock.release()
+            raise
+        except Exception as exc:  # e.g. a PermissionError while hashing: say which backup, and why
+            self._lock.release()
+            raise _as_backup_error(exc, f"Opening the backup in {self.options.backup_dir} failed") from exc
+        return self._peeked[1]
+
     def _open(self, state: TrainingState) -> str | None:
-        """(primary) Lock, clean up, and validate the committed backup; return its manifest JSON."""
+        """(primary) Lock, validate, then settle (fallback, clean-up); return the manifest's JSON."""
         self._lock.acquire()
-        manifest = self.slot.read_manifest()
-        self.slot.remove_leftovers(manifest)
-        if manifest is None:
+        peeked, self._peeked = self._peeked, None
+        if peeked is not None and peeked[0] == self.slot.records_key():
+            manifest, refused = peeked[1:]
+        else:
+            manifest, refused = self._select(state.framework)
+        if manifest is not None:
+            fingerprint.check(manifest.fingerprint, state.fingerprint(), str(self.options.backup_dir))
+        if refused is not None:
+            log.warning(
+                "keep_previous=True: restoring the previous backup in %s (%d epoch(s) done, step %d of the "
+                "next, global step %d), because the newest one is refused and will be removed: %s",
+                self.options.backup_dir,
+                manifest.epoch,
+                manifest.step_in_epoch,
+                manifest.global_step,
+                refused,
+            )
+            self.slot.promote_previous()
+        self.slot.remove_leftovers(manifest, self._kept_previous(manifest))
+        return None if manifest is None else manifest.to_json()
+
+    def _select(self, framework: str) -> tuple[Manifest | None, CorruptBackupError | None]:
+        """The verified backup to restore, and (when it is the previous one) why the newest was refused.
+
+        Reads and verifies only: nothing on disk changes until the choice is also compatible.
+        """
+        try:
+            manifest = self.slot.read_manifest()
+            if manifest is not None:
+                self._check_framework(manifest, framework)
+                self.slot.verify(manifest)
+            return manifest, None
+        except CorruptBackupError as refused:
+            if not self.options.keep_previous:
+                raise
+            return self._previous_instead(refused, framework), refused
+
+    def _previous_instead(self, refused: CorruptBackupError, framework: str) -> Manifest:
+        """The previous backup, verified; else raise ``refused`` (saying why the previous one fails too)."""
+        try:
+            previous = self.slot.read_previous()
+            if previous is not None:
+                self._check_framework(previous, framework)
+                self.slot.verify(previous, record=self.slot.previous_path)
+        except InvalidBackupError as also:
+            raise CorruptBackupError(
+                f"{refused} The previous backup (keep_previous=True) is refused too: {also}"
+            ) from refused
+        if previous is None:  # none kept yet: the first backup of a training has no previous one
+            raise refused
+        return previous
+
+    def _kept_previous(self, manifest: Manifest | None) -> Manifest | None:
+        """The previous backup's manifest when it is to be kept, else None (its files are removed)."""
+        if not self.options.keep_previous or manifest is None:
             return None
-        if manifest.framework != state.framework:
+        try:
+            return self.slot.read_previous()
+        except (CorruptBackupError, UnsupportedFormatError) as exc:
+            log.warning("Dropping the unreadable previous backup in %s: %s", self.options.backup_dir, exc)
+            return None
+
+    def _check_framework(self, manifest: Manifest, framework: str) -> None:
+        if manifest.framework != framework:
             raise IncompatibleBackupError(
                 f"The backup in {self.options.backup_dir} was written by {manifest.framework} "
-                f"{manifest.framework_version}; this training runs {state.framework}. Nothing was loaded. "
+                f"{manifest.framework_version}; this training runs {framework}. Nothing was loaded. "
                 "Use a separate backup_dir for each framework, or delete this backup to start fresh."
             )
-        self.slot.verify(manifest)
-        fingerprint.check(manifest.fingerprint, state.fingerprint(), str(self.options.backup_dir))
-        return manifest.to_json()
 
     def backup(self, state: TrainingState, counters: Counters) -> Manifest | None:
         """Commit a new backup of ``state`` that replaces the old one in one atomic step.
@@ -184,7 +268,7 @@ class Lifecycle:
             raise BackupWriteError(
                 staged_path["errno"],
                 f"Cannot create a staging folder in {self.options.backup_dir} ({staged_path['error']}); "
-                "the previous backup is still committed and intact. Free space or fix permissions on "
+                "the last backup is still committed and intact. Free space or fix permissions on "
                 "backup_dir.",
             )
         staged = Path(staged_path["path"])
@@ -208,7 +292,7 @@ class Lifecycle:
                 getattr(failure, "errno", None) or errno.EIO,
                 f"Saving the training state into {target} failed "
                 f"({failure if failure is not None else 'on another process; its log names the cause'}); "
-                f"the previous backup in {self.options.backup_dir} is still committed and intact. "
+                f"the last backup in {self.options.backup_dir} is still committed and intact. "
                 "Free space or fix permissions.",
             ) from failure
         manifest = None

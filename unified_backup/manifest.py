@@ -18,6 +18,7 @@ from unified_backup.errors import CorruptBackupError, UnsupportedFormatError
 FORMAT = "unified-backup"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
+PREVIOUS_NAME = "manifest.previous.json"  # the second slot's commit record (keep_previous=True)
 CHECKSUM_ALGORITHM = "sha256"
 
 

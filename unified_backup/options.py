@@ -29,7 +29,10 @@ class BackupOptions:
         preemption_signals: the signals ``save_before_preemption`` names (empty when off).
         on_write_error: when a backup cannot be written (disk full, I/O error, read-only folder),
             ``"raise"`` stops training with :class:`BackupWriteError`; ``"warn"`` logs a warning
-            and trains on. Either way the previous backup stays committed and intact.
+            and trains on. Either way the last backup stays committed and intact.
+        keep_previous: also keep the backup before the newest (a second slot, like Keras 3's
+            ``double_checkpoint``); when the newest is refused as corrupt at start, restore that
+            one instead, with a warning. Two backups on disk (three while one is written).
     """
 
     backup_dir: Path
@@ -37,6 +40,7 @@ class BackupOptions:
     delete_checkpoint: bool = True
     save_before_preemption: bool | tuple[str | int, ...] = False
     on_write_error: str = RAISE
+    keep_previous: bool = False
     preemption_signals: tuple[signal.Signals, ...] = ()
 
     def __init__(
@@ -46,6 +50,7 @@ class BackupOptions:
         delete_checkpoint: bool = True,
         save_before_preemption: bool | Sequence[str | int] = False,
         on_write_error: str = RAISE,
+        keep_previous: bool = False,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
             raise InvalidArgumentError(
@@ -75,6 +80,11 @@ class BackupOptions:
                 f"Invalid value for argument `on_write_error`. Received: on_write_error={on_write_error!r}. "
                 f"Expected {RAISE!r} (stop training) or {WARN!r} (log a warning and train on)."
             )
+        if not isinstance(keep_previous, bool):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `keep_previous`. Received: keep_previous={keep_previous!r}. "
+                "Expected True or False."
+            )
         object.__setattr__(self, "backup_dir", Path(backup_dir))
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
@@ -87,6 +97,7 @@ class BackupOptions:
         object.__setattr__(self, "preemption_signals", parse_signals(given))
         object.__setattr__(self, "save_before_preemption", given)
         object.__setattr__(self, "on_write_error", on_write_error)
+        object.__setattr__(self, "keep_previous", keep_previous)
 
     @property
     def per_epoch(self) -> bool:

@@ -1,10 +1,11 @@
-"""The single backup slot in ``backup_dir``, with an atomic and durable commit.
+"""The backup slot in ``backup_dir``, with an atomic and durable commit.
 
 Layout (every name here is the library's; anything else in the folder is the user's)::
 
     backup_dir/
         manifest.json            the commit record: names the payload folder, sizes, checksums
-        payload-<id>/            files of the committed backup, written by an adapter
+        manifest.previous.json   with keep_previous=True: the record of the backup before it
+        payload-<id>/            files of a committed backup, written by an adapter
         payload-<id>/            a staging area while a new backup is written (named by no manifest)
         manifest.json.tmp-<id>   a manifest being written
         .unified-backup.lock     the owner lock (see lock.py)
@@ -13,10 +14,13 @@ Commit order (:meth:`Slot.commit`):
     1. the adapter has written the payload into a fresh ``payload-<id>/`` (:meth:`Slot.stage`);
     2. every payload file is read once to checksum it, and fsynced; its folders are fsynced;
     3. the manifest is written to a temporary file and fsynced;
-    4. ``os.replace`` renames it to ``manifest.json``: the one atomic step that commits;
-    5. ``backup_dir`` is fsynced, then the previous payload folder is removed.
+    3b. with ``keep_previous``, the committed manifest's bytes become ``manifest.previous.json``
+        (temporary file, fsync, rename, fsync of ``backup_dir``);
+    4. ``os.replace`` renames the new manifest to ``manifest.json``: the one atomic step that commits;
+    5. ``backup_dir`` is fsynced, then the payload folder that no manifest names any more is removed.
 A crash before 4 leaves the old backup committed and a staging area that :meth:`remove_leftovers`
-deletes at the next start; a crash after 4 leaves the new one committed.
+deletes at the next start; a crash after 4 leaves the new one committed. A crash between 3b and 4
+leaves both records naming the old backup, which is still a valid pair.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
-from unified_backup.manifest import CHECKSUM_ALGORITHM, MANIFEST_NAME, FileEntry, Manifest
+from unified_backup.manifest import CHECKSUM_ALGORITHM, MANIFEST_NAME, PREVIOUS_NAME, FileEntry, Manifest
 
 PAYLOAD_PREFIX = "payload-"
 _PAYLOAD_NAME = re.compile(r"payload-\d{8}T\d{6}-[0-9a-f]{8}(\.worker-\d+)?")
@@ -41,11 +45,13 @@ log = logging.getLogger(__name__)
 
 
 class Slot:
-    """One folder that holds at most one committed backup."""
+    """One folder that holds one committed backup, and with ``keep_previous`` the one before it."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], keep_previous: bool = False) -> None:
         self.directory = Path(directory)
+        self.keep_previous = keep_previous
         self.manifest_path = self.directory / MANIFEST_NAME
+        self.previous_path = self.directory / PREVIOUS_NAME
 
     def __repr__(self) -> str:
         return f"Slot({str(self.directory)!r})"
@@ -53,32 +59,42 @@ class Slot:
     # -- reading ---------------------------------------------------------------------------
     def read_manifest(self) -> Manifest | None:
         """The committed backup's manifest, or None when nothing is committed."""
-        try:
-            text = self.manifest_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except UnicodeDecodeError as exc:
-            raise CorruptBackupError(f"{self.manifest_path} is not UTF-8 text ({exc}).") from exc
-        return Manifest.from_json(text, source=str(self.manifest_path))
+        return _read(self.manifest_path)
+
+    def read_previous(self) -> Manifest | None:
+        """The previous backup's manifest (kept by ``keep_previous=True``), or None."""
+        return _read(self.previous_path)
 
     def payload_dir(self, manifest: Manifest) -> Path:
         return self.directory / manifest.payload
 
-    def verify(self, manifest: Manifest) -> None:
-        """Check every payload file against the manifest.
+    def records_key(self) -> tuple:
+        """Identity of both commit records (inode, mtime, size): it changes whenever either is replaced."""
+        key = []
+        for path in (self.manifest_path, self.previous_path):
+            try:
+                st = path.stat()
+                key.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                key.append(None)
+        return tuple(key)
+
+    def verify(self, manifest: Manifest, record: Path | None = None) -> None:
+        """Check every payload file against the manifest (read from ``record``, default ``manifest.json``).
 
         Raises :class:`CorruptBackupError` naming the first file that differs, is missing or is extra,
         and :class:`UnsupportedFormatError` for a checksum algorithm this version does not know.
         """
+        record = record or self.manifest_path
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
             raise UnsupportedFormatError(
-                f"{self.manifest_path} uses checksum {manifest.checksum_algorithm!r}; this version "
+                f"{record} uses checksum {manifest.checksum_algorithm!r}; this version "
                 f"verifies {CHECKSUM_ALGORITHM!r}. Upgrade unified-backup to restore it."
             )
         payload = self.payload_dir(manifest)
         if _PAYLOAD_NAME.fullmatch(manifest.payload) is None or not payload.is_dir():
             raise CorruptBackupError(
-                f"{self.manifest_path} names payload folder {manifest.payload!r}, which does not exist "
+                f"{record} names payload folder {manifest.payload!r}, which does not exist "
                 f"in {self.directory}. The backup is incomplete; delete it to start fresh."
             )
         found = _relative_files(payload)
@@ -127,24 +143,29 @@ class Slot:
                 fsync_dir(Path(folder))
             fsync_dir(self.directory)  # the staging folder's own entry
             manifest = Manifest(files=files, payload=staged.name, **manifest_fields)
-            previous = self._committed_payload()
-            tmp = self.directory / f"{MANIFEST_NAME}{_TMP_MARK}{secrets.token_hex(4)}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(manifest.to_json())
-                f.flush()
-                os.fsync(f.fileno())
+            committed, committed_text = self._committed()
+            older = self._previous_payload()
+            tmp = self._write_tmp(manifest.to_json())
+            if self.keep_previous and committed is not None:
+                os.replace(self._write_tmp(committed_text), self.previous_path)
+                fsync_dir(self.directory)  # the previous record is durable before the commit
+            elif self.previous_path.exists():  # a previous record must never name a removed payload
+                self.previous_path.unlink()
+                fsync_dir(self.directory)
             os.replace(tmp, self.manifest_path)  # the commit
         except OSError as exc:
             self.discard(staged)
             raise BackupWriteError(
                 exc.errno,
-                f"Writing the backup into {self.directory} failed ({exc}); the previous "
+                f"Writing the backup into {self.directory} failed ({exc}); the last "
                 "backup is still committed and intact. Free space or fix permissions on backup_dir.",
             ) from exc
+        unnamed = {committed, older} - {staged.name, committed if self.keep_previous else None, None}
         try:
             fsync_dir(self.directory)
-            if previous is not None and previous != staged.name:
-                shutil.rmtree(self.directory / previous)
+            for name in sorted(unnamed):
+                if _PAYLOAD_NAME.fullmatch(name):  # only folders this library made are ever removed
+                    shutil.rmtree(self.directory / name)
         except OSError as exc:  # committed already: never undo it; the next start cleans up
             log.warning(
                 "The backup in %s is committed, but finishing the commit failed (%s).", self.directory, exc
@@ -157,24 +178,36 @@ class Slot:
         for tmp in self.directory.glob(f"{MANIFEST_NAME}{_TMP_MARK}*"):
             tmp.unlink(missing_ok=True)
 
-    def remove_leftovers(self, manifest: Manifest | None) -> list[Path]:
-        """Delete staging areas and temporary manifests that ``manifest`` (the committed one) does not name.
+    def promote_previous(self) -> None:
+        """Make the previous backup the committed one (the newest was refused); one atomic rename."""
+        os.replace(self.previous_path, self.manifest_path)
+        fsync_dir(self.directory)
 
-        Call it only with a manifest that was read successfully (or None when none exists), so
-        that a damaged manifest never gets its payload deleted. Leftovers are never restored.
+    def remove_leftovers(self, manifest: Manifest | None, previous: Manifest | None = None) -> list[Path]:
+        """Delete what neither ``manifest`` (the committed one) nor ``previous`` names.
+
+        That is staging areas, temporary manifests, and a previous backup that is not to be kept
+        (``previous`` None). Call it only with manifests that were read successfully (or None when
+        none exists), so that a damaged manifest never gets its payload deleted. Leftovers are
+        never restored.
         """
         if not self.directory.is_dir():
             return []
-        keep = manifest.payload if manifest else None
+        keep = {m.payload for m in (manifest, previous) if m is not None}
         removed = []
+        if previous is None and self.previous_path.exists():  # the record first: never one without files
+            self.previous_path.unlink()
+            fsync_dir(self.directory)
+            removed.append(self.previous_path)
         for entry in self.directory.iterdir():
-            staged = is_payload(entry) and entry.name != keep
+            staged = is_payload(entry) and entry.name not in keep
             if staged or entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
         if removed:
             log.warning(
-                "Removed %d incomplete backup(s) in %s: %s",
+                "Removed %d leftover(s) in %s (incomplete backups, temporary files, or a previous backup "
+                "no longer kept): %s",
                 len(removed),
                 self.directory,
                 ", ".join(p.name for p in removed),
@@ -184,10 +217,12 @@ class Slot:
     def delete(self) -> None:
         """Remove the committed backup and every file the library wrote; keep the user's files.
 
-        The manifest goes first, so an interrupted delete leaves no committed backup behind.
+        The previous record goes first, then the manifest, so an interrupted delete leaves either
+        the newest backup or no backup behind, never only an older one.
         """
         if not self.directory.is_dir():
             return
+        self.previous_path.unlink(missing_ok=True)
         self.manifest_path.unlink(missing_ok=True)
         fsync_dir(self.directory)
         for entry in self.directory.iterdir():
@@ -203,12 +238,39 @@ class Slot:
         except OSError:
             pass
 
-    def _committed_payload(self) -> str | None:
+    def _committed(self) -> tuple[str | None, str]:
+        """The committed manifest's payload name and text; (None, "") if none or unreadable."""
         try:
-            manifest = self.read_manifest()
+            text = self.manifest_path.read_text(encoding="utf-8")
+            return Manifest.from_json(text).payload, text
+        except (FileNotFoundError, UnicodeDecodeError, CorruptBackupError, UnsupportedFormatError):
+            return None, ""
+
+    def _previous_payload(self) -> str | None:
+        try:
+            previous = self.read_previous()
         except (CorruptBackupError, UnsupportedFormatError):
             return None
-        return manifest.payload if manifest else None
+        return previous.payload if previous else None
+
+    def _write_tmp(self, text: str) -> Path:
+        """Write ``text`` durably to a fresh temporary manifest file and return its path."""
+        tmp = self.directory / f"{MANIFEST_NAME}{_TMP_MARK}{secrets.token_hex(4)}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+
+def _read(path: Path) -> Manifest | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise CorruptBackupError(f"{path} is not UTF-8 text ({exc}).") from exc
+    return Manifest.from_json(text, source=str(path))
 
 
 def is_payload(path: Path) -> bool:

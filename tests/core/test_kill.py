@@ -29,9 +29,9 @@ WRITE_FOREVER = textwrap.dedent(
     """
     import sys
     from unified_backup import Slot
-    slot = Slot(sys.argv[1])
+    slot = Slot(sys.argv[1], keep_previous=sys.argv[2] == "1")
     manifest = slot.read_manifest()
-    slot.remove_leftovers(manifest)
+    slot.remove_leftovers(manifest, slot.read_previous() if slot.keep_previous else None)
     i = manifest.epoch if manifest else 0
     print("writing", flush=True)
     while True:
@@ -66,21 +66,30 @@ def test_a_live_owner_blocks_and_a_dead_one_is_taken_over(tmp_path, caplog):
     lock.release()
 
 
-def test_sigkill_during_commits_always_leaves_one_complete_backup(tmp_path):
+@pytest.mark.parametrize("keep_previous", [False, True], ids=["one-slot", "keep-previous"])
+def test_sigkill_during_commits_always_leaves_one_complete_backup(tmp_path, keep_previous):
     rng = random.Random(1234)
     seen = []
     for _ in range(12):
-        writer = start(WRITE_FOREVER, str(tmp_path))
+        writer = start(WRITE_FOREVER, str(tmp_path), "1" if keep_previous else "0")
         time.sleep(rng.uniform(0.05, 0.4))
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)
-        slot = Slot(tmp_path)
+        slot = Slot(tmp_path, keep_previous=keep_previous)
         manifest = slot.read_manifest()
         assert manifest is not None
         slot.verify(manifest)
         payload = slot.payload_dir(manifest)
         assert int((payload / "counter.txt").read_text()) == manifest.epoch
         assert (payload / "weights.bin").read_bytes()[:1] == bytes([manifest.epoch % 256])
+        previous = slot.read_previous()
+        if keep_previous and (manifest.epoch > 1 or previous is not None):
+            # The previous record is the one before, or (killed between its rename and the commit)
+            # the committed one itself: never missing, never damaged, never newer.
+            assert previous is not None and previous.epoch in (manifest.epoch - 1, manifest.epoch)
+            slot.verify(previous)
+        else:
+            assert previous is None
         seen.append(manifest.epoch)
     assert seen == sorted(seen) and seen[-1] > 12, seen
 

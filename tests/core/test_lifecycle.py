@@ -109,7 +109,7 @@ def test_failed_save_leaves_the_previous_backup_committed(committed):
     lifecycle.start(FakeState())
     from unified_backup import BackupWriteError
 
-    with pytest.raises(BackupWriteError, match="previous backup .* is still committed"):
+    with pytest.raises(BackupWriteError, match="last backup .* is still committed"):
         lifecycle.backup(Full(), Counters(3, 0, 24))
     slot = Slot(committed)
     manifest = slot.read_manifest()

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_impl import BackupAndRestore
+from keras_impl import BackupAndRestore, pipeline
 from keras_impl.callback import _FirstSteps
 from keras_impl.state import KerasTrainingState, canonical_paths
 from tests.conformance.keras_driver import BATCH, KerasDriver, data
@@ -18,6 +18,7 @@ from unified_backup import (
     Counters,
     InvalidArgumentError,
     Manifest,
+    Slot,
 )
 
 pytestmark = pytest.mark.keras
@@ -129,6 +130,24 @@ def test_unbuilt_model_resumes_inside_an_epoch(tmp_path):
     resumed = unbuilt_model(seed=7)
     assert fit(resumed, [BackupAndRestore(tmp_path / "b", save_freq=5)]) == [1, 2, 3]
     assert int(resumed.optimizer.iterations) == 4 * STEPS
+    assert_same(resumed, control)
+
+
+def test_unbuilt_model_falls_back_to_the_previous_backup_before_fit_picks_its_first_epoch(
+    tmp_path, monkeypatch
+):
+    """Where the input's structure is unknown, fit's first epoch is set from a peek at the backup and
+    the model restored at its first step: the peek must already pick the previous backup."""
+    monkeypatch.setattr(pipeline, "inspect_fit_input", lambda: pipeline.UNKNOWN)
+    control = unbuilt_model()
+    fit(control, [])
+    interrupted(tmp_path / "b", unbuilt_model(), keep_previous=True)
+    slot = Slot(tmp_path / "b")
+    newest = slot.read_manifest()
+    (slot.payload_dir(newest) / max(newest.files, key=lambda n: newest.files[n].bytes)).write_bytes(b"x")
+    resumed = unbuilt_model(seed=7)
+    assert not resumed.built
+    assert fit(resumed, [BackupAndRestore(tmp_path / "b", keep_previous=True)]) == [1, 2, 3]
     assert_same(resumed, control)
 
 

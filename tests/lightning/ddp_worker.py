@@ -65,12 +65,18 @@ def main() -> int:
     parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--sigterm")
+    parser.add_argument("--keep-previous", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     backup_class = NAMESPACES["lightning.pytorch"][1]
     preempt = bool(args.sigterm)
     backup = (
-        backup_class(args.backup_dir, save_freq=args.save_freq, save_before_preemption=preempt)
+        backup_class(
+            args.backup_dir,
+            save_freq=args.save_freq,
+            save_before_preemption=preempt,
+            keep_previous=args.keep_previous,
+        )
         if args.backup_dir
         else None
     )

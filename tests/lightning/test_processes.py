@@ -242,3 +242,22 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
         assert rank["seen"][0] == [2, 2] and rank["global_step"] == 12
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()
+
+
+def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(tmp_path):
+    """Only rank 0 verifies, chooses and promotes; rank 1 restores what rank 0 broadcast."""
+    reference = ddp(tmp_path / "reference", "--exact")
+    backup_dir = tmp_path / "b"
+    options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir), "--keep-previous")
+    ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    slot = Slot(backup_dir)
+    newest, previous = slot.read_manifest(), slot.read_previous()
+    assert (newest.global_step, previous.global_step) == (6, 3)
+    (slot.payload_dir(newest) / "state.ckpt").write_bytes(b"damaged")
+
+    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    for rank in resumed:
+        assert rank["error"] is None
+        assert (rank["restored_epoch"], rank["start_step"]) == (0, 3)
+        assert rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
