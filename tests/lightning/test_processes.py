@@ -261,3 +261,22 @@ def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(tmp
         assert (rank["restored_epoch"], rank["start_step"]) == (0, 3)
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()
+
+
+def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    reference = ddp(tmp_path / "reference", "--exact")
+    backup_dir = tmp_path / "b"
+    options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
+    preempted = ddp(tmp_path / "preempted", *options, "--sigterm", "0,1,2", exit_code=EXIT_PREEMPTED)
+    for rank in preempted:  # step 7 is no step-backup point (3, 6, 9): the backup is the preemption's
+        assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 7, [1, 2])
+    message = preempted[0]["message"]
+    assert message.startswith("Preempted by SIGTERM (received by rank 0): backed up global step 7 ")
+    manifest = Slot(backup_dir).read_manifest()
+    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 3, 7)
+
+    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    for rank in resumed:
+        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (1, 7)
+        assert rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
