@@ -27,37 +27,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from unified_backup.demo import callback_options, emit, worker_parser
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-EVENT_PREFIX = "UB-EVENT "
-
-
-def emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
-
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m keras_impl.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--backup-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-sleep", type=float, default=0.0)
-    parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
-    parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
-    parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
-    parser.add_argument("--hidden", type=int, default=16, help="width of the hidden layer")
-    parser.add_argument(
-        "--save-before-preemption",
-        nargs="*",
-        metavar="SIGNAL",
-        default=None,
-        help="back up and stop on SIGTERM (no value) or on the signals named",
-    )
-    parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
-    return parser.parse_args(argv)
+    return worker_parser("keras_impl.demo", __doc__.splitlines()[0]).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,14 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers.append(keras.layers.Dropout(args.dropout, seed=args.seed))
     model = keras.Sequential([*layers, keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    listed = args.save_before_preemption  # None: off; []: SIGTERM; names: those
-    preemption: bool | list[str] = False if listed is None else (listed or True)
-    backup = BackupAndRestore(
-        args.backup_dir,
-        save_freq=args.save_freq,
-        save_before_preemption=preemption,
-        keep_previous=args.keep_previous,
-    )
+    backup = BackupAndRestore(args.backup_dir, **callback_options(args))
     epochs_run: list[int] = []
 
     class Events(keras.callbacks.Callback):

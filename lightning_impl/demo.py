@@ -23,7 +23,6 @@ import logging
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -31,12 +30,7 @@ import numpy as np
 import torch
 
 from lightning_impl import BackupAndRestore
-
-EVENT_PREFIX = "UB-EVENT "
-
-
-def emit(event: str, **fields: Any) -> None:
-    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
+from unified_backup.demo import callback_options, emit, worker_parser
 
 
 class DemoModel(L.LightningModule):
@@ -103,24 +97,7 @@ class Events(L.Callback):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lightning_impl.demo", description=__doc__)
-    parser.add_argument("--backup-dir", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-sleep", type=float, default=0.0)
-    parser.add_argument("--save-freq", default="epoch", help="'epoch' or a number of optimizer steps")
-    parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
-    parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
-    parser.add_argument("--hidden", type=int, default=16, help="width of the hidden layer")
-    parser.add_argument(
-        "--save-before-preemption",
-        nargs="*",
-        metavar="SIGNAL",
-        help="back up and stop (exit code 143) on SIGTERM, or on the signals named",
-    )
-    parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
-    return parser.parse_args(argv)
+    return worker_parser("lightning_impl.demo", __doc__.splitlines()[0]).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,15 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    save_freq: str | int = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
-    signals = args.save_before_preemption
-    preemption = False if signals is None else (signals or True)
-    backup = BackupAndRestore(
-        args.backup_dir,
-        save_freq=save_freq,
-        save_before_preemption=preemption,
-        keep_previous=args.keep_previous,
-    )
+    backup = BackupAndRestore(args.backup_dir, **callback_options(args))
     events = Events(backup, args.batch_sleep)
     model = DemoModel(args.seed, shuffle=args.shuffle, dropout=args.dropout, hidden=args.hidden)
     trainer = L.Trainer(

@@ -8,6 +8,7 @@ and restarting it until it finishes, and compares the final weights.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EVENT_PREFIX = "UB-EVENT "
 WORKERS = {
@@ -101,6 +103,49 @@ class Worker:
 
     def failure(self) -> str:
         return "".join(self.stderr[-15:])
+
+
+def emit(event: str, **fields: Any) -> None:
+    """(in a demo worker) Report ``event`` to the orchestrator: one ``UB-EVENT {json}`` line on stdout."""
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def worker_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The command line of a framework's demo worker: the flags :func:`worker_argv` writes, for both."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--backup-dir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sleep", type=float, default=0.0, help="seconds to sleep after each batch")
+    parser.add_argument(
+        "--save-freq",
+        default="epoch",
+        type=lambda v: v if v == "epoch" else int(v),
+        help="'epoch' or a number of optimizer steps",
+    )
+    parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
+    parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")
+    parser.add_argument("--hidden", type=int, default=16, help="width of the hidden layer")
+    parser.add_argument(
+        "--save-before-preemption",
+        nargs="*",
+        metavar="SIGNAL",
+        help="back up and stop (exit code 143) on SIGTERM (no value), or on the signals named",
+    )
+    parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
+    return parser
+
+
+def callback_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``BackupAndRestore``'s keyword arguments from a demo worker's parsed flags."""
+    listed = args.save_before_preemption  # None: off; []: SIGTERM; names: those
+    return {
+        "save_freq": args.save_freq,
+        "save_before_preemption": False if listed is None else (listed or True),
+        "keep_previous": args.keep_previous,
+    }
 
 
 def worker_argv(
