@@ -58,6 +58,15 @@ def damage_newest_payload(backup_dir):
     (slot.payload_dir(slot.read_manifest()) / "weights.bin").write_bytes(b"XX")
 
 
+def refused(backup_dir, match, keep_previous=True) -> CorruptBackupError:
+    """Resume must raise CorruptBackupError matching ``match`` and change no file of the backup."""
+    before = snapshot(backup_dir)
+    with pytest.raises(CorruptBackupError, match=match) as info:
+        resume(backup_dir, keep_previous=keep_previous)
+    assert snapshot(backup_dir) == before
+    return info.value
+
+
 def test_the_newest_and_the_previous_backup_are_kept_and_older_ones_removed(backup_dir):
     train(backup_dir, 3)
     slot = Slot(backup_dir, keep_previous=True)
@@ -109,29 +118,19 @@ def test_both_refused_raises_naming_both_files_and_changes_nothing(backup_dir):
     slot = Slot(backup_dir)
     damage_newest_payload(backup_dir)
     (slot.payload_dir(slot.read_previous()) / "weights.bin").write_bytes(b"YY")
-    before = snapshot(backup_dir)
-    with pytest.raises(CorruptBackupError, match=r"(?s)weights.bin fails.*refused too: .*weights.bin fails"):
-        resume(backup_dir)
-    assert snapshot(backup_dir) == before
+    refused(backup_dir, r"(?s)weights.bin fails.*refused too: .*weights.bin fails")
 
 
 def test_a_single_backup_has_nothing_to_fall_back_on(backup_dir):
     train(backup_dir, 1)
     damage_newest_payload(backup_dir)
-    before = snapshot(backup_dir)
-    with pytest.raises(CorruptBackupError, match="weights.bin fails its sha256 check") as info:
-        resume(backup_dir)
-    assert "previous" not in str(info.value)
-    assert snapshot(backup_dir) == before
+    assert "previous" not in str(refused(backup_dir, "weights.bin fails its sha256 check"))
 
 
 def test_without_keep_previous_a_kept_previous_backup_is_not_used(backup_dir):
     train(backup_dir, 3)
     damage_newest_payload(backup_dir)
-    before = snapshot(backup_dir)
-    with pytest.raises(CorruptBackupError, match="weights.bin fails its sha256 check"):
-        resume(backup_dir, keep_previous=False)
-    assert snapshot(backup_dir) == before
+    refused(backup_dir, "weights.bin fails its sha256 check", keep_previous=False)
 
 
 def test_turning_keep_previous_off_drops_the_second_slot_at_the_next_start(backup_dir):
@@ -195,12 +194,7 @@ def test_a_previous_record_of_a_future_version_is_named_in_the_error(backup_dir)
     damage_newest_payload(backup_dir)
     record = backup_dir / PREVIOUS_NAME
     record.write_text(record.read_text().replace('"version": 1', '"version": 2'))
-    before = snapshot(backup_dir)
-    with pytest.raises(
-        CorruptBackupError, match=r"(?s)weights.bin fails.*refused too: .*manifest.previous.json"
-    ):
-        resume(backup_dir)
-    assert snapshot(backup_dir) == before
+    refused(backup_dir, r"(?s)weights.bin fails.*refused too: .*manifest.previous.json")
 
 
 def test_a_missing_previous_payload_is_named_by_its_own_record(backup_dir):
@@ -208,10 +202,7 @@ def test_a_missing_previous_payload_is_named_by_its_own_record(backup_dir):
     damage_newest_payload(backup_dir)
     slot = Slot(backup_dir)
     shutil.rmtree(slot.payload_dir(slot.read_previous()))
-    with pytest.raises(
-        CorruptBackupError, match=r"refused too: .*manifest.previous.json names payload folder"
-    ):
-        resume(backup_dir)
+    refused(backup_dir, r"refused too: .*manifest.previous.json names payload folder")
 
 
 def test_peek_picks_the_fallback_without_changing_anything_and_start_reuses_it(backup_dir, monkeypatch):
