@@ -34,9 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from unified_backup.demo import WORKERS, Worker, worker_argv
-from unified_backup.errors import InvalidBackupError
-from unified_backup.slot import PAYLOAD_PREFIX, Slot
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.harness
+
+from tests.harness import WORKERS, Worker, worker_argv  # noqa: E402
+from unified_backup.errors import InvalidBackupError  # noqa: E402
+from unified_backup.slot import PAYLOAD_PREFIX, Slot  # noqa: E402
 
 KILLS_PER_TRAINING = 4
 TIMEOUT = 600.0

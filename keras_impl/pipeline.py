@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-from types import FrameType
 from typing import Any
+
+from keras_impl import _private
 
 # Ops that draw from a tf.random.Generator (a state that prefetching advances ahead of training).
 _STATEFUL_GENERATOR_OPS = (
@@ -104,26 +104,16 @@ UNKNOWN = InputPipeline(
 )
 
 
-def inspect_fit_input(max_depth: int = 12) -> InputPipeline:
-    """Describe the input of the ``fit`` that is running; call it from a callback hook of that ``fit``.
-
-    Keras gives callbacks no handle on the data: this looks for the ``epoch_iterator`` local of
-    ``fit`` up the call stack, and falls back to :data:`UNKNOWN`.
-    """
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("epoch_iterator") if frame.f_code.co_name == "fit" else None
-        if candidate is not None and hasattr(candidate, "data_adapter"):
-            try:
-                found = describe(candidate)
-            except Exception:  # noqa: BLE001 - private structures moved: say so, do not fail the fit
-                return UNKNOWN
-            spec = getattr(getattr(candidate, "_distributed_dataset", None), "element_spec", None)
-            return dataclasses.replace(found, element_spec=spec)
-        frame = frame.f_back
-    return UNKNOWN
+def inspect_fit_input() -> InputPipeline:
+    """Describe the input of the ``fit`` that is running; call it from a callback hook of that ``fit``."""
+    epoch_iterator = _private.fit_epoch_iterator(max_depth=14)
+    if epoch_iterator is None:
+        return UNKNOWN
+    try:
+        found = describe(epoch_iterator)
+    except Exception:  # noqa: BLE001 - private structures moved: say so, do not fail the fit
+        return UNKNOWN
+    return dataclasses.replace(found, element_spec=_private.element_spec(epoch_iterator))
 
 
 def describe(epoch_iterator: Any) -> InputPipeline:
@@ -138,7 +128,7 @@ def describe(epoch_iterator: Any) -> InputPipeline:
             "at the beginning of the data.",
         )
     if kind == "ArrayDataAdapter":
-        shuffle = adapter._shuffle
+        shuffle = _private.array_shuffle(adapter)
         if not shuffle:
             return InputPipeline("arrays with shuffle=False")
         return InputPipeline(f"arrays with shuffle={shuffle!r}", seeded_by_tf=True)
@@ -160,7 +150,7 @@ def describe(epoch_iterator: Any) -> InputPipeline:
             )
         return InputPipeline(name)
     if kind == "TFDatasetAdapter":
-        return _describe_tf_dataset(adapter._dataset)
+        return _describe_tf_dataset(_private.adapted_dataset(adapter))
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
             "a Python generator",
@@ -180,7 +170,7 @@ def _overrides(dataset: Any, name: str) -> bool:
 def _describe_tf_dataset(dataset: Any) -> InputPipeline:
     """Walk a ``tf.data.Dataset``'s inputs (without serialising it) for reshuffling and random ops."""
     description = "a tf.data.Dataset"
-    if not hasattr(dataset, "_inputs"):  # e.g. a DistributedDataset made by the user
+    if _private.dataset_inputs(dataset) is None:  # e.g. a DistributedDataset made by the user
         return InputPipeline(description, f"{type(dataset).__name__} cannot be inspected for random ops.")
     seeded_by_tf = False
     stack, seen = [dataset], set()
@@ -189,7 +179,7 @@ def _describe_tf_dataset(dataset: Any) -> InputPipeline:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if getattr(node, "_reshuffle_each_iteration", False) or type(node).__name__ == "_RandomDataset":
+        if _private.reshuffles_each_iteration(node):
             return InputPipeline(
                 description,
                 "it reshuffles in every iteration (shuffle(..., reshuffle_each_iteration=True)), from a seed "
@@ -205,7 +195,7 @@ def _describe_tf_dataset(dataset: Any) -> InputPipeline:
                 )
             if op_type.startswith(_LEGACY_RANDOM_OPS):
                 seeded_by_tf = True
-        stack.extend(node._inputs())
+        stack.extend(_private.dataset_inputs(node) or ())
     return InputPipeline(description, seeded_by_tf=seeded_by_tf)
 
 

@@ -11,11 +11,11 @@ Nothing is swallowed after a failed ``fit``. The next ``fit`` with the callback 
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterable
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
+from keras_impl import _private
 from unified_backup.preemption import PreemptionWatch
 
 
@@ -25,18 +25,13 @@ class FitWatch(PreemptionWatch):
     def __init__(self, signals: Iterable[signal.Signals], callback: Any) -> None:
         super().__init__(signals)
         self._callback = callback
-        self._fit_code = _fit_code(callback)
+        self._fit_code = _private.fit_code(callback)
 
     def fit_running(self) -> bool:
         """Whether the ``fit`` that made this watch is on the stack of the thread that asks."""
         if self._fit_code is None:  # hooks called outside fit: trust them to end it
             return True
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code is self._fit_code and _has(frame, self._callback):
-                return True
-            frame = frame.f_back
-        return False
+        return _private.fit_is_running(self._fit_code, self._callback)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.fit_running():
@@ -51,20 +46,3 @@ class FitWatch(PreemptionWatch):
                 return
         if callable(previous):  # also when a later watch, installed over this one, chains to it
             previous(signum, frame)
-
-
-def _fit_code(callback: Any) -> CodeType | None:
-    """The code of the ``fit`` that is calling the caller with ``callback``, or None (no ``fit``)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "fit" and _has(frame, callback):
-            return frame.f_code
-        frame = frame.f_back
-    return None
-
-
-def _has(frame: FrameType, callback: Any) -> bool:
-    """Whether ``frame`` is a ``fit`` of the callback's model whose callbacks include ``callback``."""
-    local = frame.f_locals
-    callbacks = getattr(local.get("callbacks"), "callbacks", None) or ()
-    return local.get("self") is callback.model and any(c is callback for c in callbacks)

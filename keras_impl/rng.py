@@ -17,6 +17,8 @@ import random
 import numpy as np
 import tensorflow as tf
 
+from keras_impl import _private
+
 Arrays = dict[str, np.ndarray]
 
 _NO_SEED = np.array([], dtype=np.int64)
@@ -62,11 +64,11 @@ def capture_device() -> Arrays:
     """The global ``tf.random.Generator`` and Keras's global ``SeedGenerator`` (where they exist),
     and TensorFlow's global seed. Nothing is created: a generator never used is not saved."""
     arrays: Arrays = {"tf_global_seed": _NO_SEED if (seed := tf_global_seed()) is None else np.array([seed])}
-    generator = _tf_global_generator()
+    generator = _private.tf_global_generator()
     if generator is not None:
         arrays["tf_generator/state"] = generator.state.numpy()
         arrays["tf_generator/algorithm"] = np.array(int(generator.algorithm), dtype=np.int64)
-    keras_generator = _keras_global_seed_generator()
+    keras_generator = _private.keras_global_seed_generator()
     if keras_generator is not None:
         arrays["keras_seed_generator/state"] = np.asarray(keras_generator.state.numpy())
     return arrays
@@ -77,16 +79,14 @@ def restore_device(arrays: Arrays) -> None:
     global seed generator draws from Python's ``random``)."""
     if "tf_generator/state" in arrays:
         state, algorithm = arrays["tf_generator/state"], int(arrays["tf_generator/algorithm"])
-        generator = _tf_global_generator()
+        generator = _private.tf_global_generator()
         if generator is not None and int(generator.algorithm) == algorithm:
             generator.reset(state)
         else:
             with tf.init_scope():
                 tf.random.set_global_generator(tf.random.Generator.from_state(state, algorithm))
     if "keras_seed_generator/state" in arrays:
-        from keras.src.random.seed_generator import global_seed_generator
-
-        global_seed_generator().state.assign(arrays["keras_seed_generator/state"])
+        _private.make_keras_global_seed_generator().state.assign(arrays["keras_seed_generator/state"])
 
 
 def stored_tf_seed(arrays: Arrays) -> int | None:
@@ -95,23 +95,5 @@ def stored_tf_seed(arrays: Arrays) -> int | None:
 
 
 def tf_global_seed() -> int | None:
-    """TensorFlow's global seed (``tf.random.set_seed``), read without drawing an op seed."""
-    try:
-        from tensorflow.python.eager import context
-
-        return context.global_seed()
-    except (ImportError, AttributeError):  # pragma: no cover - moved in another TensorFlow
-        return None
-
-
-def _tf_global_generator() -> tf.random.Generator | None:
-    # tf.random.get_global_generator() would create one (and refuses to under op determinism).
-    from tensorflow.python.ops import stateful_random_ops
-
-    return getattr(stateful_random_ops, "global_generator", None)
-
-
-def _keras_global_seed_generator():  # -> keras.random.SeedGenerator | None
-    from keras.src.backend.common import global_state
-
-    return global_state.get_global_attribute("global_seed_generator")
+    """TensorFlow's global seed (``tf.random.set_seed``), or None when none is set."""
+    return _private.tf_global_seed()

@@ -21,10 +21,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_impl import rng
-from unified_backup import Counters, Manifest
-from unified_backup.errors import BackupWriteError, CorruptBackupError, IncompatibleBackupError
+from keras_impl import _private, rng
+from unified_backup.coordinator import Coordinator
+from unified_backup.errors import (
+    BackupWriteError,
+    CorruptBackupError,
+    IncompatibleBackupError,
+    UnsupportedEnvironmentError,
+)
 from unified_backup.fingerprint import describe
+from unified_backup.manifest import Manifest
+from unified_backup.state import Position
 
 _COUNTER_KEYS = {name: f"{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in ("epoch", "step_in_epoch")}
 _BATCH_KEY = "batch_in_epoch/.ATTRIBUTES/VARIABLE_VALUE"
@@ -43,6 +50,7 @@ class KerasTrainingState:
     framework = "keras"
 
     def __init__(self, model: keras.Model) -> None:
+        _require_single_worker(model)
         self.model = model
         self.optimizer = model.optimizer
         self.framework_version = f"{keras.__version__} (tensorflow {tf.__version__})"
@@ -52,7 +60,6 @@ class KerasTrainingState:
             self._batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._built_checkpoint: tf.train.Checkpoint | None = None
         self._epoch_start_host = rng.capture_host()
-        self._extra: rng.Arrays = {}
         self._restored_metrics: rng.Arrays = {}
         self.restored_tf_seed: int | None = None
         self.restored_batch_in_epoch = 0
@@ -82,7 +89,7 @@ class KerasTrainingState:
         """(optimizer steps, training batches) so far; they differ under gradient accumulation."""
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # e.g. LossScaleOptimizer
         if getattr(optimizer, "gradient_accumulation_steps", None):
-            return self.global_step, int(optimizer._iterations.numpy())  # counts batches
+            return self.global_step, _private.batches_trained(optimizer)
         return self.global_step, self.global_step
 
     def fingerprint(self) -> dict[str, str]:
@@ -114,33 +121,26 @@ class KerasTrainingState:
         """Note the host generators as an epoch starts, before its input pipeline draws the order."""
         self._epoch_start_host = rng.capture_host()
 
-    def record(self, counters: Counters, batch_in_epoch: int | None = None) -> None:
-        """Set what the next :meth:`save` writes along with the weights: counters, RNGs, metrics.
+    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
+        """Write the checkpoint of ``position`` and, next to it, the RNG states and the metrics' sums.
 
-        ``batch_in_epoch``: the epoch's batches trained (default: ``counters.step_in_epoch``; more
-        under gradient accumulation), which a resume skips. Inside an epoch the host generators are
-        those of the epoch's start (the resumed epoch draws its order again and replays the skipped
-        batches' draws); at an epoch end, the current ones.
+        Inside an epoch the host generators saved are those of the epoch's start (the resumed epoch
+        draws its order again and replays the skipped batches' draws); at an epoch end, the current ones.
         """
-        batches = counters.step_in_epoch if batch_in_epoch is None else batch_in_epoch
-        self._epoch.assign(counters.epoch)
-        self._step_in_epoch.assign(counters.step_in_epoch)
-        self._batch_in_epoch.assign(batches)
-        host = self._epoch_start_host if batches else rng.capture_host()
+        self._epoch.assign(position.epoch)
+        self._step_in_epoch.assign(position.step_in_epoch)
+        self._batch_in_epoch.assign(position.batches)
+        host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
         metrics = {f"{_METRICS}{path}": value for path, value in _metric_values(self.model).items()}
-        self._extra = {**host, **rng.capture_device(), **metrics}
-
-    def save(self, directory: Path) -> None:
         try:
             tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
         except tf.errors.OpError as exc:
             raise BackupWriteError(
                 errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
             ) from exc
-        arrays = self._extra or {**rng.capture_host(), **rng.capture_device()}
-        np.savez(directory / EXTRA_FILE, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
+        np.savez(directory / EXTRA_FILE, **host, **rng.capture_device(), **metrics)  # type: ignore[arg-type]
 
-    def load(self, directory: Path, manifest: Manifest) -> None:
+    def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         prefix = _checkpoint_prefix(directory)
         try:
             reader = tf.train.load_checkpoint(prefix)
@@ -245,8 +245,7 @@ def _read_extra(path: Path) -> rng.Arrays:
     if not path.exists():
         raise CorruptBackupError(
             f"{path} is missing. Expected the random-number generator and metric state saved with every "
-            "checkpoint (a backup written before unified-backup saved it cannot be resumed exactly); nothing "
-            "was loaded. Delete the backup to start fresh."
+            "checkpoint; nothing was loaded. Delete the backup to start fresh."
         )
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -267,3 +266,17 @@ def _checkpoint_prefix(directory: Path) -> str:
             "tf.train.CheckpointManager writes; delete the backup to start fresh."
         )
     return str(directory / Path(state.model_checkpoint_path).name)
+
+
+def _require_single_worker(model: keras.Model) -> None:
+    """Refuse multi-worker strategies: Keras 3 ``fit`` does not run under them (keras#20585)."""
+    strategy = model.distribute_strategy
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    workers = sum(len(spec.get(job, ())) for job in ("chief", "worker"))
+    if workers > 1 or not strategy.extended.should_checkpoint:
+        raise UnsupportedEnvironmentError(
+            f"BackupAndRestore for Keras 3 supports single-process training (no strategy, MirroredStrategy, "
+            f"OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. Keras 3's fit does "
+            "not train under multi-worker strategies; train in one process per backup_dir."
+        )

@@ -29,8 +29,8 @@ class Preempted(TrainingPreempted, SIGTERMException):
 
 class BackupAndRestore(BackupAndRestoreMixin, lightning.pytorch.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
-    _preempted = Preempted
-    _framework_version = lightning.__version__
+    preempted_error = Preempted
+    framework_version = lightning.__version__
 
 
 __all__ = ["BackupAndRestore"]

@@ -37,6 +37,25 @@ def restore_modules_and_callbacks(trainer: Any, path: Path) -> None:
     trainer._checkpoint_connector._restore_modules_and_callbacks(path, weights_only=True)
 
 
+def loaded_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dictionary that :func:`restore_modules_and_callbacks` loaded.
+
+    Lightning keeps it until it has restored the training state after ``on_fit_start``; reading our
+    entry from it spares a flag that ``on_load_checkpoint`` would have to consult.
+    """
+    return trainer._checkpoint_connector._loaded_checkpoint
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dictionary ``Trainer.save_checkpoint`` would write, built on every rank.
+
+    ``save_checkpoint`` hands it to the strategy's ``CheckpointIO``, which buffers the whole state
+    in memory and writes a temporary file in ``$TMPDIR``; taking the dictionary lets the adapter
+    add its own entry directly and write the file into the core's staging folder.
+    """
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
 def has_restore_modules_and_callbacks(trainer: Any) -> bool:
     """Whether this Lightning still has the restore entry point with a ``weights_only`` parameter."""
     method = getattr(getattr(trainer, "_checkpoint_connector", None), "_restore_modules_and_callbacks", None)

@@ -37,10 +37,6 @@ class LightningCoordinator:
         return bool(self._trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order (a one-element list in a single process).
-
-        Used for the per-process state that rank 0 writes for all (random-number states).
-        """
         world = int(self._trainer.world_size)
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             out: list[Any] = [None] * world

@@ -38,7 +38,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_impl import _private
-from lightning_impl.state import loader_generators, rng_state, set_rng_state
+from lightning_impl.rng import loader_generators, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,27 @@ PERSISTENT_WORKERS = (
 
 
 class ExactResume:
-    """The per-``fit`` bookkeeping behind an exact resume, driven by ``BackupAndRestore``'s hooks."""
+    """The bookkeeping of one ``fit`` behind an exact resume, driven by ``BackupAndRestore``'s hooks.
+
+    Made in ``on_fit_start``, before the restore: it notes the states the first epoch's iterator
+    will be made from.
+    """
 
     def __init__(self) -> None:
-        self._epoch_start: dict[str, Any] = {}
+        self._epoch_start: dict[str, Any] = {"mode": FIT, "rng": rng_state()}
         self._restored: dict[str, Any] | None = None  # this process's part of the backup, until applied
         self._batches = 0
         self._aggregates: dict[str, Any] | None = None
         self._quiet: _private.QuietNotResumableWarning | None = None
+        self._source = ""  # the backup_dir restored from, for warnings
 
-    def fit_start(self) -> None:
-        """``on_fit_start``, before the restore: the states the first epoch's iterator will be made from."""
-        self.close()
-        self._epoch_start = {"mode": FIT, "rng": rng_state()}
-
-    def load(self, trainer: Any, entry: Mapping[str, Any] | None, source: str) -> None:
+    def load(self, trainer: Any, entry: Mapping[str, Any], rank: int, source: str) -> None:
         """During the restore: keep this process's part; replay a ``"fit"`` iterator's states now."""
-        if not entry or "ranks" not in entry:
-            log.warning(
-                NOT_EXACT, source, "the backup holds no random-number states (written by an older version)"
-            )
+        self._source = source
+        if "ranks" not in entry:
+            log.warning(NOT_EXACT, source, "the backup holds no random-number states")
             return
-        ranks, rank = entry["ranks"], int(trainer.global_rank)
+        ranks = entry["ranks"]
         if len(ranks) != trainer.world_size:
             log.warning(
                 NOT_EXACT,
@@ -94,9 +93,9 @@ class ExactResume:
         self._batches = int(entry["batches"])
         self._epoch_start = self._restored["epoch_start"]
         if self._batches and self._epoch_start["mode"] == FIT:
-            self._set(self._epoch_start["rng"], source)
+            self._set(self._epoch_start["rng"])
 
-    def train_start(self, trainer: Any, source: str) -> None:
+    def train_start(self, trainer: Any) -> None:
         """``on_train_start``: a mid-epoch resume positions the data, then restores the backup's states."""
         if self._restored is None or not self._batches:
             return
@@ -113,18 +112,18 @@ class ExactResume:
             log.warning(NOT_POSITIONED, trainer.current_epoch, self._batches, problem, left)
         elif not _stateful(loaders):
             if self._epoch_start["mode"] == EPOCH:
-                self._replay_epoch_start(trainer, loaders, source)
+                self._replay_epoch_start(trainer, loaders)
             _private.skip_batches(trainer, self._batches)
             self._quiet = _private.QuietNotResumableWarning()
-        self._set(restored["rng"], source)
+        self._set(restored["rng"])
         self._aggregates = restored.get("aggregates")
 
-    def epoch_start(self, trainer: Any, source: str) -> None:
+    def epoch_start(self, trainer: Any) -> None:
         """``on_train_epoch_start``: note the states the epoch's iterator is made from, or replay them."""
         loaders = _private.train_loaders(trainer)
         if self._restored is not None:  # restored at an epoch end: this epoch's iterator is made again
             self._epoch_start, self._restored = self._restored["epoch_start"], None
-            self._replay_epoch_start(trainer, loaders, source)  # stateful loaders too: a new epoch
+            self._replay_epoch_start(trainer, loaders)  # stateful loaders too: a new epoch
         elif _private.iterator_made_after_epoch_start(trainer):
             generators = [g.get_state() for g in loader_generators(loaders)]
             self._epoch_start = {"mode": EPOCH, "rng": rng_state(), "generators": generators}
@@ -173,25 +172,25 @@ class ExactResume:
         self._aggregates = None
         self._batches = 0
 
-    def _replay_epoch_start(self, trainer: Any, loaders: list[Any], source: str) -> None:
+    def _replay_epoch_start(self, trainer: Any, loaders: list[Any]) -> None:
         """Make the epoch's training iterator again from the states the interrupted run made it from."""
-        self._set(self._epoch_start["rng"], source)
-        self._set_generators(self._epoch_start["generators"], loaders, source)
+        self._set(self._epoch_start["rng"])
+        self._set_generators(self._epoch_start["generators"], loaders)
         if any(getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) for dl in loaders):
-            log.warning(PERSISTENT_WORKERS, source)
+            log.warning(PERSISTENT_WORKERS, self._source)
         _private.restart_epoch_data(trainer)
 
-    def _set(self, state: Mapping[str, Any], source: str) -> None:
+    def _set(self, state: Mapping[str, Any]) -> None:
         problem = set_rng_state(state)
         if problem:
-            log.warning(NOT_EXACT, source, problem)
+            log.warning(NOT_EXACT, self._source, problem)
 
-    def _set_generators(self, states: list[Any], loaders: list[Any], source: str) -> None:
+    def _set_generators(self, states: list[Any], loaders: list[Any]) -> None:
         generators = loader_generators(loaders)
         if len(generators) != len(states):
             log.warning(
                 NOT_EXACT,
-                source,
+                self._source,
                 f"the training loaders draw from {len(generators)} torch.Generator(s), the backup holds the "
                 f"states of {len(states)}, so the data order is not the one the interrupted run had",
             )

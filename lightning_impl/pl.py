@@ -24,8 +24,8 @@ class Preempted(TrainingPreempted, SIGTERMException):
 
 class BackupAndRestore(BackupAndRestoreMixin, pytorch_lightning.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
-    _preempted = Preempted
-    _framework_version = pytorch_lightning.__version__
+    preempted_error = Preempted
+    framework_version = pytorch_lightning.__version__
 
 
 __all__ = ["BackupAndRestore"]

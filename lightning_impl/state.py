@@ -1,32 +1,36 @@
 """The Lightning training state: what a backup holds, how it is written, checked and loaded.
 
-A backup is one Lightning checkpoint, ``state.ckpt``, written by the public
-``Trainer.save_checkpoint`` (model, optimizers, LR schedulers, loops, callbacks, datamodule) and
-read back with ``weights_only=True`` only, so loading never runs code stored in the file. The
-random-number states that ``exact.py`` adds to it are stored as tensors and plain values for
-the same reason (``np.random.get_state()`` itself holds a NumPy array, which that load refuses).
+A backup is one Lightning checkpoint, ``state.ckpt``: the dictionary Lightning itself builds for
+``Trainer.save_checkpoint`` (model, optimizers, LR schedulers, loops, callbacks, datamodule),
+with our entry added under ``"unified_backup"`` (random-number states, data position and epoch
+aggregates from :mod:`lightning_impl.exact`, and whether training was stopping). Rank 0 writes it
+with ``torch.save`` straight into the staging folder the core hands over: no whole-state buffer,
+no temporary file elsewhere, and the core's manifest makes it visible atomically. It is read back
+with ``weights_only=True`` only, so loading never runs code stored in the file.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import pickle
-import random
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lightning_impl import _private
-from unified_backup.errors import UnsafeBackupError
+from lightning_impl.exact import ExactResume
+from unified_backup.coordinator import Coordinator
+from unified_backup.errors import UnsafeBackupError, UnsupportedEnvironmentError
 from unified_backup.fingerprint import describe
 from unified_backup.manifest import Manifest
+from unified_backup.state import Position
 
 FRAMEWORK = "lightning"
 FILENAME = "state.ckpt"
+KEY = "unified_backup"  # our entry in the checkpoint
+log = logging.getLogger(__name__)
 
 
 def fingerprint(trainer: Any) -> dict[str, str]:
@@ -55,27 +59,45 @@ class LightningState:
     framework = FRAMEWORK
 
     def __init__(self, trainer: Any, framework_version: str) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            raise UnsupportedEnvironmentError(
+                f"BackupAndRestore does not support the {type(trainer.strategy).__name__} strategy yet: it "
+                "restores checkpoints after setup and writes them sharded (FSDP, DeepSpeed, ModelParallel). "
+                "Expected a strategy that writes one checkpoint file from rank 0 (single device, DDP). Use "
+                "such a strategy, or remove BackupAndRestore and use Lightning's ModelCheckpoint."
+            )
         self.trainer = trainer
         self.framework_version = framework_version
+        self.exact = ExactResume()
+        self._user_ckpt_path = trainer.ckpt_path  # the load replaces it; put back in train_start
         self._checked = False
+
+    @property
+    def global_step(self) -> int:
+        return int(self.trainer.global_step)
 
     def fingerprint(self) -> Mapping[str, str]:
         return fingerprint(self.trainer)
 
-    def save(self, directory: Path) -> None:
-        """Write the checkpoint; the first one of a ``fit`` is also checked to be safely loadable.
+    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
+        """Write the checkpoint of ``position``; the first of a ``fit`` is also checked to be safely loadable.
 
-        NOTE: every rank calls this; only global rank 0 writes the file, and it tells the others
-        whether the check failed, so that all of them raise.
+        NOTE: every rank builds the checkpoint (callbacks' states, a gather of every rank's RNG
+        states); only the primary writes the file, and tells the others whether the check failed.
         """
-        path = directory / FILENAME
-        with _temporary_files_in(directory):
-            self.trainer.save_checkpoint(path, weights_only=False)
-        if self._checked:
-            return
+        trainer = self.trainer
+        checkpoint = _private.dump_checkpoint(trainer)
+        if position.at_epoch_end:
+            _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
+        exact = self.exact.entry(trainer, coordinator.gather, position.batches)
+        checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
+        path, problem = directory / FILENAME, None
+        if coordinator.is_primary:
+            with open(path, "wb") as f:
+                torch.save(checkpoint, f)
+            problem = None if self._checked else _refused_by_safe_load(path)
         self._checked = True
-        problem = _refused_by_safe_load(path) if self.trainer.is_global_zero else None
-        problem = self.trainer.strategy.broadcast(problem, src=0)
+        problem = coordinator.broadcast(problem)
         if problem:
             raise UnsafeBackupError(
                 f"The backup just written to {path} could never be restored: torch.load(weights_only=True) "
@@ -85,7 +107,7 @@ class LightningState:
                 "callback state_dict()s, or convert them to plain types."
             )
 
-    def load(self, directory: Path, manifest: Manifest) -> None:
+    def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         """Restore model, datamodule and callbacks now; Lightning restores the rest after ``on_fit_start``."""
         path = directory / FILENAME
         try:
@@ -99,22 +121,21 @@ class LightningState:
                 "keep non-tensor objects (numpy arrays, custom classes) out of hyperparameters and callback "
                 "states."
             ) from exc
+        entry = _private.loaded_checkpoint(self.trainer).get(KEY) or {}
+        if entry.get("should_stop"):
+            self.trainer.should_stop = True  # an early-stopped run resumes as stopped instead of training on
+        self.exact.load(self.trainer, entry, coordinator.rank, str(directory.parent))
+        if self._user_ckpt_path:
+            log.warning(
+                "Resumed from the backup in %s, not from fit(ckpt_path=%r): the backup is the later state.",
+                directory.parent,
+                str(self._user_ckpt_path),
+            )
 
-
-@contextlib.contextmanager
-def _temporary_files_in(directory: Path) -> Iterator[None]:
-    """Make ``Trainer.save_checkpoint``'s temporary file land in our staging folder, not in $TMPDIR.
-
-    Lightning writes the checkpoint to ``tempfile.mkstemp()`` and then moves it (fsspec's
-    transaction). A kill inside that write left a state-sized file in $TMPDIR for good (48 of 200
-    kills in the fault campaign); inside the staging folder it goes with the staging folder, and
-    the move becomes a rename on the same filesystem.
-    """
-    previous, tempfile.tempdir = tempfile.tempdir, str(directory)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
+    def train_start(self) -> None:
+        """``on_train_start`` after a restore: hand back the user's ``ckpt_path``; position the data."""
+        _private.set_ckpt_path(self.trainer, self._user_ckpt_path)
+        self.exact.train_start(self.trainer)
 
 
 def _refused_by_safe_load(path: Path) -> str | None:
@@ -134,67 +155,3 @@ def _unpickler_reason(exc: Exception) -> str:
 
 def _dtype(tensor: Any) -> str:
     return str(tensor.dtype).removeprefix("torch.")
-
-
-def rng_state() -> dict[str, Any]:
-    """The global random-number states of torch (CPU, and CUDA once initialised), NumPy and ``random``.
-
-    Only tensors, ints, floats and None, so that ``torch.load(weights_only=True)`` reads them back.
-    """
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "python": {"version": int(version), "internal": torch.tensor(internal), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> str | None:
-    """Put back what :func:`rng_state` returned; say what could not be restored (or None)."""
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
-    cuda = state.get("cuda")
-    if cuda is None:
-        return None
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available != len(cuda):
-        return (
-            f"the backup holds the CUDA random-number states of {len(cuda)} device(s), "
-            f"this process sees {available}"
-        )
-    torch.cuda.set_rng_state_all(cuda)
-    return None
-
-
-def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects that the loaders' samplers and worker seeds draw from, in order.
-
-    ``DataLoader(shuffle=True, generator=g)`` draws each epoch's permutation and worker base seed
-    from ``g``, not from the global generator, so its state must be saved too.
-    """
-    found: list[torch.Generator] = []
-    for loader in loaders:
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for owner in (
-            loader,
-            getattr(loader, "sampler", None),
-            batch_sampler,
-            getattr(batch_sampler, "sampler", None),
-        ):
-            generator = getattr(owner, "generator", None)
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-                found.append(generator)
-    return found

@@ -18,11 +18,12 @@ from unified_backup.errors import (
     UnsupportedEnvironmentError,
     UnsupportedFormatError,
 )
-from unified_backup.lifecycle import BackupStats, Lifecycle, TrainingState
-from unified_backup.manifest import Counters, Manifest
+from unified_backup.lifecycle import BackupStats, Lifecycle
+from unified_backup.manifest import Counters, Header, Manifest
 from unified_backup.options import BackupOptions
 from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 from unified_backup.slot import Slot
+from unified_backup.state import Position, TrainingState
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "CorruptBackupError",
     "Counters",
     "EXIT_PREEMPTED",
+    "Header",
     "IncompatibleBackupError",
     "InvalidArgumentError",
     "InvalidBackupError",
@@ -43,6 +45,7 @@ __all__ = [
     "Manifest",
     "MissingFrameworkError",
     "NoBackupError",
+    "Position",
     "SingleProcess",
     "Slot",
     "TrainingPreempted",

@@ -2,22 +2,20 @@
 
 Each adapter's callback derives from :class:`BackupCallback` and its framework's ``Callback``, so
 the same argument means the same thing, and is checked the same way, in Keras and in Lightning.
+The arguments are declared once, by :class:`BackupOptions`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from unified_backup.lifecycle import BackupStats, Lifecycle
 from unified_backup.manifest import Manifest
-from unified_backup.options import EPOCH, RAISE, BackupOptions
-from unified_backup.preemption import PreemptionWatch
-
-
-def _ignore_phase(name: str) -> None:
-    """The default phase listener: a module-level function, so callbacks stay picklable (ddp_spawn)."""
+from unified_backup.options import BackupOptions
+from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 
 
 class BackupCallback:
@@ -33,31 +31,32 @@ class BackupCallback:
             logs a warning and trains on. The last backup stays intact either way.
         keep_previous: also keep the backup before the newest, and restore it (with a warning)
             when the newest is refused as corrupt. Off by default; two backups on disk.
+
+    After a ``fit``, ``restored`` is the manifest of the backup it resumed from (or None) and
+    ``stats`` counts its backups and the seconds spent writing them.
     """
 
-    def __init__(
-        self,
-        backup_dir: str | os.PathLike[str],
-        save_freq: str | int = EPOCH,
-        delete_checkpoint: bool = True,
-        save_before_preemption: bool | Sequence[str | int] = False,
-        *,
-        on_write_error: str = RAISE,
-        keep_previous: bool = False,
-        on_phase: Callable[[str], None] = _ignore_phase,
-    ) -> None:
+    #: Raised when a preemption signal stopped training (an adapter may add its framework's class).
+    preempted_error: type[TrainingPreempted] = TrainingPreempted
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        self._options = BackupOptions(
-            backup_dir,
-            save_freq,
-            delete_checkpoint,
-            save_before_preemption,
-            on_write_error=on_write_error,
-            keep_previous=keep_previous,
-        )
+        self._options = BackupOptions(*args, **kwargs)
         if self._options.preemption_signals:
             PreemptionWatch.check_installable()  # raise now rather than be silently off later
-        self._lifecycle = Lifecycle(self._options, on_phase=on_phase)
+        self._lifecycle = Lifecycle(self._options, preempted=self.preempted_error)
+
+    __init__.__signature__ = inspect.signature(BackupOptions.__init__)  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        """End the current ``fit``'s hold on ``backup_dir``: unlock it and remove the signal handlers.
+
+        The backup stays. Lightning calls this itself when ``fit`` raises; Keras calls no hook then,
+        so the folder stays locked by this process until its next ``fit`` with this callback (or any
+        ``BackupAndRestore`` on the folder in this thread) or until the process ends. Call it after
+        a Keras ``fit`` raised (e.g. Ctrl-C in a notebook) to let another process resume from it now.
+        """
+        self._lifecycle.finish(success=False)
 
     @property
     def backup_dir(self) -> Path:

@@ -1,8 +1,8 @@
 """Coordinators: how the processes of one training agree on who writes and when.
 
-The lifecycle calls only these three operations, so a single process and every distributed
-strategy take the same path; adapters supply the distributed ones (Lightning: the strategy's
-``barrier``/``broadcast``; TensorFlow: the cluster resolver and collective ops).
+Every collective the library makes goes through these four operations, so a single process and
+every distributed strategy take the same path; adapters supply the distributed ones (Lightning:
+the strategy's ``barrier``/``broadcast``; TensorFlow: the cluster resolver and collective ops).
 
 NOTE: every process must make the same calls, in the same order, with the same names.
 """
@@ -35,6 +35,9 @@ class Coordinator(Protocol):
     def any(self, flag: bool) -> bool:
         """Return True on every process if any process passed True."""
 
+    def gather(self, value: T) -> list[T]:
+        """Return every process's ``value``, in rank order, on every process (picklable values)."""
+
 
 class SingleProcess:
     """The coordinator of a training that runs in one process: every call is immediate."""
@@ -50,3 +53,6 @@ class SingleProcess:
 
     def any(self, flag: bool) -> bool:
         return flag
+
+    def gather(self, value: T) -> list[T]:
+        return [value]

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,37 +148,14 @@ def callback_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_argv(
-    framework: str,
-    backup_dir: Path,
-    out: Path,
-    *,
-    epochs: int,
-    batch_sleep: float = 0.0,
-    save_freq: str | int = "epoch",
-    exact: bool = False,
-    preemption: Sequence[str] = (),
-    hidden: int | None = None,
-    keep_previous: bool = False,
+    framework: str, backup_dir: Path, out: Path, *, epochs: int, batch_sleep: float = 0.0
 ) -> list[str]:
-    """argv of a framework's demo worker (``python -m <adapter>.demo``), the same flags for both.
-
-    ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
-    ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);
-    ``keep_previous`` passes ``keep_previous=True``.
-    """
-    argv = [
-        sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
-        "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
+    """argv of a framework's demo worker (``python -m <adapter>.demo``)."""
+    module = WORKERS[framework][0]
+    return [
+        sys.executable, "-m", module, "--backup-dir", str(backup_dir), "--out", str(out),
+        "--epochs", str(epochs), "--batch-sleep", str(batch_sleep),
     ]  # fmt: skip
-    if exact:
-        argv += ["--shuffle", "--dropout", "0.2"]
-    if preemption:
-        argv += ["--save-before-preemption", *preemption]
-    if hidden is not None:
-        argv += ["--hidden", str(hidden)]
-    if keep_previous:
-        argv.append("--keep-previous")
-    return argv
 
 
 def _run_to_end(argv: list[str]) -> tuple[Worker, dict, dict]:

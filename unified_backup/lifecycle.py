@@ -1,69 +1,55 @@
-"""The lifecycle that both adapters drive: restore at start, back up, delete on success.
+"""The lifecycle of one ``fit`` against one backup slot: every ordering decision, written once.
 
-Adapters map framework hooks to three calls and supply a :class:`TrainingState`::
+An adapter translates its framework's hooks into four calls and supplies a :class:`TrainingState`::
 
-    start(state)             fit begins      lock, clean leftovers, verify, check fingerprint, load
-    backup(state, counters)  a backup point  stage, save, commit (atomic), drop the old backup
-    finish(success)          fit ends        delete on success (if asked), release the lock
+    open(state, coordinator)   fit begins            lock; read and verify the backup; nothing loaded
+    restore()                  model fingerprintable  check the fingerprint, settle the folder, load
+    boundary(position, ...)    after a step / epoch   nothing, back up, or back up and stop
+    finish(success)            fit ends               delete on success (if asked), unlock
 
-Distributed call order (orbax-style: barrier, all write, barrier, primary commits, barrier):
-    start:  (primary) lock + read + verify -> broadcast outcome -> (all) load -> any(failed) -> barrier
-    backup: (primary) stage -> broadcast path -> (all) save -> any(failed) -> (primary) commit
-            -> broadcast outcome
-    finish: [barrier -> (primary) delete, when deleting] -> (primary) unlock
+``open`` and ``restore`` are apart because a framework may have to know where training resumes
+(Keras: the first epoch) before its model exists to be fingerprinted; most adapters call both at
+once. At a boundary the lifecycle decides: a backup is due (``save_freq``), or a preemption signal
+reached any process (then it backs up that step, unless it holds it already, logs one line and
+raises ``TrainingPreempted``), or nothing happens.
 
-NOTE: every process calls every method; only the primary touches ``backup_dir``'s commit record.
+Distributed call order (orbax-style: barrier, all write, barrier, primary commits, barrier).
+Every process makes every call; only the primary touches the commit record::
+
+    open:      1. (primary) lock, read + verify        2. broadcast the choice or the error
+    restore:   1. (primary) fingerprint check; promote the previous backup or remove leftovers
+               2. broadcast the outcome  3. (all) state.load  4. any(failed)  5. barrier
+    boundary:  1. (all) any(preemption signal), when a watch is attached
+               2. backup when due or preempted:
+                  a. (primary) stage  b. broadcast the staging folder
+                  c. (all) state.save (others into scratch)  d. any(failed): all commit, or none
+                  e. (primary) commit: manifest written last, renamed  f. broadcast the outcome
+               3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
+    finish:    1. barrier  2. (primary) delete the backup, when asked  3. (primary) unlock
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import errno
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-from unified_backup import errors, fingerprint
+from unified_backup import choice, errors, fingerprint, preemption
 from unified_backup.coordinator import Coordinator, SingleProcess
-from unified_backup.errors import (
-    BackupError,
-    BackupWriteError,
-    CorruptBackupError,
-    IncompatibleBackupError,
-    InvalidBackupError,
-    UnsupportedFormatError,
-)
+from unified_backup.errors import BackupError, BackupWriteError
 from unified_backup.lock import DirectoryLock
-from unified_backup.manifest import Counters, Manifest
+from unified_backup.manifest import Header, Manifest
 from unified_backup.options import WARN, BackupOptions
+from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 from unified_backup.slot import Slot
+from unified_backup.state import Position, TrainingState
 
 log = logging.getLogger(__name__)
-
-
-class TrainingState(Protocol):
-    """What an adapter knows about its framework: how to describe, save and load the training."""
-
-    framework: str
-    framework_version: str
-
-    def fingerprint(self) -> Mapping[str, str]:
-        """``{variable name: "dtype[shape]"}`` for model and optimizer (see :mod:`fingerprint`)."""
-
-    def save(self, directory: Path) -> None:
-        """Write the whole training state into the empty ``directory``."""
-
-    def load(self, directory: Path, manifest: Manifest) -> None:
-        """Restore the training state from a verified backup."""
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    RUNNING = "running"
 
 
 @dataclasses.dataclass
@@ -75,56 +61,66 @@ class BackupStats:
     last_bytes: int = 0
 
 
+@dataclasses.dataclass
+class _Fit:
+    """The running ``fit``: what it trains, who takes part, and what the slot holds for it."""
+
+    state: TrainingState
+    coordinator: Coordinator
+    opened: Manifest | None = None
+    refused: str | None = None  # why the newest backup was refused, when ``opened`` is the previous one
+    watch: PreemptionWatch | None = None
+    last_backup_step: int | None = None  # of the last backup tried; due backups count from it
+    committed_step: int | None = None  # of the backup the slot holds for this fit
+
+
 class Lifecycle:
-    """One ``fit``'s use of one backup slot. Reusable: ``finish`` returns it to idle."""
+    """One ``fit`` at a time against one backup slot; reusable, since ``finish`` returns it to idle."""
 
     def __init__(
-        self,
-        options: BackupOptions,
-        coordinator: Coordinator | None = None,
-        on_phase: Callable[[str], None] | None = None,
+        self, options: BackupOptions, *, preempted: type[TrainingPreempted] = TrainingPreempted
     ) -> None:
         self.options = options
         self.slot = Slot(options.backup_dir, keep_previous=options.keep_previous)
-        self.coordinator: Coordinator = coordinator or SingleProcess()
-        self.phase = Phase.IDLE
         self.restored: Manifest | None = None
         self.stats = BackupStats()
+        self._preempted = preempted
         self._lock = DirectoryLock(options.backup_dir)
-        self._on_phase = on_phase or (lambda name: None)
-        self._peeked: tuple | None = None  # (records key, manifest, refused) chosen by peek()
+        self._fit: _Fit | None = None
 
-    def start(self, state: TrainingState) -> Manifest | None:
-        """Restore the committed backup, if any, into ``state``; return its manifest.
+    @property
+    def running(self) -> bool:
+        return self._fit is not None
 
-        Raises the specific :class:`InvalidBackupError` before anything is loaded, and
-        :class:`BackupDirInUseError` if another training owns the folder.
+    # -- fit begins ------------------------------------------------------------------------
+    def open(self, state: TrainingState, coordinator: Coordinator | None = None) -> Manifest | None:
+        """Lock ``backup_dir`` and choose the verified backup to restore (None: start fresh).
+
+        Nothing on disk changes and nothing is loaded yet. Raises the specific
+        :class:`InvalidBackupError`, or :class:`BackupDirInUseError` if another training owns the folder.
         """
-        if self.phase is Phase.RUNNING:
+        if self._fit is not None:  # left running by a fit that raised where no hook said so
             self.finish(success=False)
-        coordinator = self.coordinator
-        self.stats = BackupStats()
-        outcome: dict = {}
-        failure: BaseException | None = None
-        if coordinator.is_primary:
-            try:
-                outcome = {"manifest": self._open(state)}
-            except Exception as exc:  # every process must hear of it, or they would wait forever
-                self._lock.release()
-                failure = _as_backup_error(exc, f"Opening the backup in {self.options.backup_dir} failed")
-                outcome = {"error": type(failure).__name__, "message": str(failure)}
-        outcome = coordinator.broadcast(outcome)
-        if "error" in outcome:
-            raise failure or getattr(errors, outcome["error"], BackupError)(outcome["message"])
-        manifest = Manifest.from_json(outcome["manifest"]) if outcome["manifest"] else None
+        self.stats, self.restored = BackupStats(), None
+        fit = self._fit = _Fit(state, coordinator or SingleProcess())
+        chosen = self._on_primary("Opening the backup", lambda: self._choose(state.framework), abandon=True)
+        fit.opened = Manifest.from_json(chosen["manifest"]) if chosen["manifest"] else None
+        fit.refused = chosen["refused"]
+        return fit.opened
+
+    def restore(self) -> Manifest | None:
+        """Check the opened backup against the live training, settle the folder, and load it."""
+        fit = self._running("restore")
+        manifest = fit.opened
+        self._on_primary("Restoring the backup", lambda: self._settle(fit), abandon=True)
         if manifest is not None:
-            self._on_phase("restore")
+            failure: BaseException | None = None
             try:
-                state.load(self.slot.payload_dir(manifest), manifest)
+                fit.state.load(self.slot.payload_dir(manifest), manifest, fit.coordinator)
             except BaseException as exc:
                 failure = exc
-            if coordinator.any(failure is not None):  # all restore, or all stop
-                self._lock.release()
+            if fit.coordinator.any(failure is not None):  # all restore, or all stop
+                self._abandon()
                 raise failure or BackupError(
                     f"Another process failed to restore the backup in {self.options.backup_dir}; "
                     "its log names the cause. Nothing else was changed."
@@ -136,150 +132,140 @@ class Lifecycle:
                 manifest.step_in_epoch,
                 manifest.global_step,
             )
-        coordinator.barrier("unified_backup.start")
+        fit.coordinator.barrier("unified_backup.start")
         self.restored = manifest
-        self.phase = Phase.RUNNING
+        fit.committed_step = manifest.global_step if manifest else None
+        fit.last_backup_step = manifest.global_step if manifest else fit.state.global_step
         return manifest
 
-    def peek(self, framework: str) -> Manifest | None:
-        """(single process) Lock and verify now; return the manifest that ``start`` will restore.
+    def start(self, state: TrainingState, coordinator: Coordinator | None = None) -> Manifest | None:
+        """``open`` and ``restore`` at once, for adapters whose model exists when ``fit`` starts."""
+        self.open(state, coordinator)
+        return self.restore()
 
-        For an adapter that must set up ``fit`` (e.g. its first epoch) before the model can be
-        fingerprinted. Nothing on disk changes here; ``start`` reuses the verified choice while the
-        records are unchanged, so the backup is read and hashed once.
+    def watch(self, watch: PreemptionWatch) -> None:
+        """Stop at the next boundary once the installed ``watch`` saw a signal; ``finish`` uninstalls it."""
+        self._running("watch").watch = watch
+
+    # -- during fit ------------------------------------------------------------------------
+    def boundary(
+        self, position: Position, *, epoch_end: bool = False, preemption: bool = True
+    ) -> Manifest | None:
+        """A step (or, with ``epoch_end``, an epoch) ended at ``position``: back up if due, stop if preempted.
+
+        ``preemption=False`` where no step follows (e.g. ``max_steps`` reached): a signal is then
+        reported by ``finish``. Returns the manifest committed here, or None.
         """
-        if not isinstance(self.coordinator, SingleProcess):
-            raise BackupError("Lifecycle.peek() serves single-process adapters; this bug is the adapter's.")
-        try:
-            self._lock.acquire()
-            self._peeked = (self.slot.records_key(), *self._select(framework))
-        except BackupError:
-            self._lock.release()
-            raise
-        except Exception as exc:  # e.g. a PermissionError while hashing: say which backup, and why
-            self._lock.release()
-            raise _as_backup_error(exc, f"Opening the backup in {self.options.backup_dir} failed") from exc
-        return self._peeked[1]
+        fit = self._running("boundary")
+        preempted = preemption and fit.watch is not None and fit.watch.agreed(fit.coordinator)
+        step = position.global_step
+        manifest = None
+        if self._due(fit, position, epoch_end) or (
+            preempted and step not in (fit.last_backup_step, fit.committed_step)
+        ):
+            manifest = self._backup(fit, position)
+        if preempted:
+            self._stop(fit, position)
+        return manifest
 
-    def _open(self, state: TrainingState) -> str | None:
-        """(primary) Lock, validate, then settle (fallback, clean-up); return the manifest's JSON."""
-        self._lock.acquire()
-        peeked, self._peeked = self._peeked, None
-        if peeked is not None and peeked[0] == self.slot.records_key():
-            manifest, refused = peeked[1:]
-        else:
-            manifest, refused = self._select(state.framework)
-        if manifest is not None:
-            fingerprint.check(manifest.fingerprint, state.fingerprint(), str(self.options.backup_dir))
-        if refused is not None:
+    # -- fit ends --------------------------------------------------------------------------
+    def finish(self, success: bool) -> None:
+        """End the ``fit``: on success delete the backup (if asked); always release the folder."""
+        fit, self._fit = self._fit, None
+        if fit is None:
+            return
+        if fit.watch is not None:
+            fit.watch.uninstall()
+            if success and fit.watch.received is not None:
+                log.warning(
+                    "%s received as the training finished: no step was left to run, so fit ends normally.",
+                    fit.watch.received.name,
+                )
+        coordinator = fit.coordinator
+        delete = success and self.options.delete_checkpoint
+        try:
+            if delete:
+                coordinator.barrier("unified_backup.finish")
+                if coordinator.is_primary:
+                    self.slot.delete()
+        except OSError as exc:  # the manifest goes first: nothing is left committed
             log.warning(
-                "keep_previous=True: restoring the previous backup in %s (%d epoch(s) done, step %d of the "
-                "next, global step %d), because the newest one is refused and will be removed: %s",
+                "Training finished, but removing the backup files in %s failed (%s).",
                 self.options.backup_dir,
-                manifest.epoch,
-                manifest.step_in_epoch,
-                manifest.global_step,
-                refused,
+                exc,
             )
-            self.slot.promote_previous()
-        self.slot.remove_leftovers(manifest, self._kept_previous(manifest))
-        return None if manifest is None else manifest.to_json()
+        finally:
+            self._lock.release()
+        if delete and coordinator.is_primary:
+            self.slot.prune()
+        log.info(
+            "Training %s; %s backup in %s (%d backup(s), %.2f s spent backing up).",
+            "finished" if success else "stopped",
+            "deleted the" if delete else "kept the",
+            self.options.backup_dir,
+            self.stats.backups,
+            self.stats.seconds,
+        )
 
-    def _select(self, framework: str) -> tuple[Manifest | None, CorruptBackupError | None]:
-        """The verified backup to restore, and (when it is the previous one) why the newest was refused.
+    # -- opening ------------------------------------------------------------------------
+    def _choose(self, framework: str) -> dict[str, Any]:
+        """(primary) Lock, then the verified manifest to restore and why the newest was refused, if it was."""
+        self._lock.acquire()
+        manifest, refused = choice.choose(self.slot, framework, keep_previous=self.options.keep_previous)
+        return {
+            "manifest": manifest.to_json() if manifest else None,
+            "refused": str(refused) if refused else None,
+        }
 
-        Reads and verifies only: nothing on disk changes until the choice is also compatible.
-        """
-        try:
-            manifest = self.slot.read_manifest()
-            if manifest is not None:
-                self._check_framework(manifest, framework)
-                self.slot.verify(manifest)
-            return manifest, None
-        except CorruptBackupError as refused:
-            if not self.options.keep_previous:
-                raise
-            return self._previous_instead(refused, framework), refused
+    def _settle(self, fit: _Fit) -> None:
+        """(primary) Refuse an incompatible backup; then promote the fallback, and remove leftovers."""
+        manifest = fit.opened
+        if manifest is not None:
+            fingerprint.check(manifest.fingerprint, fit.state.fingerprint(), str(self.options.backup_dir))
+        choice.settle(self.slot, manifest, fit.refused, keep_previous=self.options.keep_previous)
 
-    def _previous_instead(self, refused: CorruptBackupError, framework: str) -> Manifest:
-        """The previous backup, verified; else raise ``refused`` (saying why the previous one fails too)."""
-        try:
-            previous = self.slot.read_previous()
-            if previous is not None:
-                self._check_framework(previous, framework)
-                self.slot.verify(previous, record=self.slot.previous_path)
-        except InvalidBackupError as also:
-            raise CorruptBackupError(
-                f"{refused} The previous backup (keep_previous=True) is refused too: {also}"
-            ) from refused
-        if previous is None:  # none kept yet: the first backup of a training has no previous one
-            raise refused
-        return previous
+    # -- backing up ------------------------------------------------------------------------
+    def _due(self, fit: _Fit, position: Position, epoch_end: bool) -> bool:
+        """Whether ``save_freq`` asks for a backup here (never twice of one step)."""
+        if position.global_step == fit.last_backup_step:
+            return False
+        if self.options.per_epoch:
+            return epoch_end
+        return position.global_step - (fit.last_backup_step or 0) >= int(self.options.save_freq)
 
-    def _kept_previous(self, manifest: Manifest | None) -> Manifest | None:
-        """The previous backup's manifest when it is to be kept, else None (its files are removed)."""
-        if not self.options.keep_previous or manifest is None:
-            return None
-        try:
-            return self.slot.read_previous()
-        except (CorruptBackupError, UnsupportedFormatError) as exc:
-            log.warning("Dropping the unreadable previous backup in %s: %s", self.options.backup_dir, exc)
-            return None
-
-    def _check_framework(self, manifest: Manifest, framework: str) -> None:
-        if manifest.framework != framework:
-            raise IncompatibleBackupError(
-                f"The backup in {self.options.backup_dir} was written by {manifest.framework} "
-                f"{manifest.framework_version}; this training runs {framework}. Nothing was loaded. "
-                "Use a separate backup_dir for each framework, or delete this backup to start fresh."
-            )
-
-    def backup(self, state: TrainingState, counters: Counters) -> Manifest | None:
-        """Commit a new backup of ``state`` that replaces the old one in one atomic step.
+    def _backup(self, fit: _Fit, position: Position) -> Manifest | None:
+        """Commit a backup of ``position`` that replaces the old one in one atomic step.
 
         A failed write (disk full, I/O error, file too large, read-only folder) leaves the previous
         backup committed and intact and removes the staging area; then, by ``on_write_error``,
         raise :class:`BackupWriteError` (stop training) or log a warning, return None and go on.
         """
-        self._require_running("backup")
         began = time.perf_counter()
+        fit.last_backup_step = position.global_step
         try:
-            manifest = self._write(state, counters)
+            manifest = self._write(fit, position)
         except BackupWriteError as exc:
             if self.options.on_write_error != WARN:
                 raise
             log.warning("Backup skipped: %s Training goes on (on_write_error='warn').", exc)
             return None
-        self._on_phase("committed")
+        fit.committed_step = position.global_step
         self.stats.backups += 1
         self.stats.seconds += time.perf_counter() - began
+        if manifest is not None:
+            self.stats.last_bytes = manifest.total_bytes
         return manifest
 
-    def _write(self, state: TrainingState, counters: Counters) -> Manifest | None:
-        coordinator = self.coordinator
-        staged_path: dict = {}
-        if coordinator.is_primary:
-            try:
-                staged_path = {"path": str(self.slot.stage())}
-            except OSError as exc:
-                staged_path = {"errno": exc.errno, "error": str(exc)}
-        staged_path = coordinator.broadcast(staged_path)
-        if "error" in staged_path:
-            raise BackupWriteError(
-                staged_path["errno"],
-                f"Cannot create a staging folder in {self.options.backup_dir} ({staged_path['error']}); "
-                "the last backup is still committed and intact. Free space or fix permissions on "
-                "backup_dir.",
-            )
-        staged = Path(staged_path["path"])
-        target = staged
-        if not coordinator.is_primary:
-            target = staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
-        self._on_phase("save")
+    def _write(self, fit: _Fit, position: Position) -> Manifest | None:
+        coordinator = fit.coordinator
+        staged = Path(self._on_primary("Creating a staging folder", self._stage))
+        target = (
+            staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
+        )
         failure: BaseException | None = None
         try:
             target.mkdir(parents=True, exist_ok=True)
-            state.save(target)
+            fit.state.save(target, position, coordinator)
         except BaseException as exc:
             failure = exc
             self.slot.discard(target)
@@ -295,68 +281,80 @@ class Lifecycle:
                 f"the last backup in {self.options.backup_dir} is still committed and intact. "
                 "Free space or fix permissions.",
             ) from failure
-        manifest = None
-        outcome: dict = {}
-        if coordinator.is_primary:
-            self._on_phase("commit")
-            try:
-                manifest = self.slot.commit(
-                    staged,
-                    {
-                        "framework": state.framework,
-                        "framework_version": state.framework_version,
-                        "epoch": counters.epoch,
-                        "step_in_epoch": counters.step_in_epoch,
-                        "global_step": counters.global_step,
-                        "fingerprint": dict(state.fingerprint()),
-                    },
-                )
-                self.stats.last_bytes = manifest.total_bytes
-            except BackupWriteError as exc:
-                outcome = {"errno": exc.errno, "message": str(exc)}
-        else:
+        if not coordinator.is_primary:
             shutil.rmtree(target, ignore_errors=True)
-        outcome = coordinator.broadcast(outcome)  # replaces the "committed" barrier
-        if outcome:
-            raise BackupWriteError(outcome["errno"], outcome["message"])
-        return manifest
 
-    def finish(self, success: bool) -> None:
-        """End the ``fit``: on success delete the backup (if asked); always release the folder."""
-        if self.phase is not Phase.RUNNING:
-            return
-        self.phase = Phase.IDLE
-        delete = success and self.options.delete_checkpoint
+        def commit() -> str:
+            state = fit.state
+            header = Header(state.framework, state.framework_version, position.counters, state.fingerprint())
+            return self.slot.commit(staged, header).to_json()
+
+        return Manifest.from_json(self._on_primary("Committing the backup", commit))
+
+    def _stage(self) -> str:
         try:
-            if delete:
-                self.coordinator.barrier("unified_backup.finish")
-                if self.coordinator.is_primary:
-                    self.slot.delete()
-        except OSError as exc:  # the manifest goes first: nothing is left committed
-            log.warning(
-                "Training finished, but removing the backup files in %s failed (%s).",
-                self.options.backup_dir,
-                exc,
-            )
-        finally:
-            self._lock.release()
-        if delete and self.coordinator.is_primary:
-            self.slot.prune()
-        log.info(
-            "Training %s; %s backup in %s (%d backup(s), %.2f s spent backing up).",
-            "finished" if success else "stopped",
-            "deleted the" if delete else "kept the",
-            self.options.backup_dir,
-            self.stats.backups,
-            self.stats.seconds,
-        )
+            return str(self.slot.stage())
+        except OSError as exc:
+            raise BackupWriteError(
+                exc.errno,
+                f"Cannot create a staging folder in {self.options.backup_dir} ({exc}); the last backup is "
+                "still committed and intact. Free space or fix permissions on backup_dir.",
+            ) from exc
 
-    def _require_running(self, what: str) -> None:
-        if self.phase is not Phase.RUNNING:
-            raise errors.BackupError(
-                f"{what}() was called while the lifecycle is {self.phase.value}; expected start() first. "
+    # -- stopping --------------------------------------------------------------------------
+    def _stop(self, fit: _Fit, position: Position) -> None:
+        """Log the one stop line, end the fit (the backup stays), and raise ``TrainingPreempted``."""
+        assert fit.watch is not None
+        fit.watch.before_stop()
+        received = fit.coordinator.gather(fit.watch.received.name if fit.watch.received else None)
+        message = preemption.stop_message(
+            preemption.cause(received),
+            position.counters,
+            self.options.backup_dir,
+            committed=fit.committed_step == position.global_step,
+        )
+        if fit.coordinator.is_primary:
+            log.warning(message)
+        self.finish(success=False)
+        raise self._preempted(message)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _on_primary(self, what: str, call: Callable[[], Any], *, abandon: bool = False) -> Any:
+        """Run ``call`` on the primary and hand its result to every process; on failure all raise.
+
+        ``abandon``: a failure ends the fit before it trained (opening, restoring) and releases the folder.
+        """
+        coordinator = self._running(what).coordinator
+        outcome: dict[str, Any] = {}
+        failure: BackupError | None = None
+        if coordinator.is_primary:
+            try:
+                outcome = {"value": call()}
+            except Exception as exc:  # every process must hear of it, or they would wait forever
+                failure = _as_backup_error(exc, f"{what} in {self.options.backup_dir} failed")
+                outcome = {"error": type(failure).__name__, "errno": getattr(failure, "errno", None)}
+                outcome["message"] = str(failure)
+        outcome = coordinator.broadcast(outcome)
+        if "error" not in outcome:
+            return outcome["value"]
+        if abandon:
+            self._abandon()
+        if failure is not None:
+            raise failure
+        raise _rebuilt(outcome)
+
+    def _abandon(self) -> None:
+        """A ``fit`` that could not start: release the folder; nothing on disk changed."""
+        self._fit = None
+        self._lock.release()
+
+    def _running(self, what: str) -> _Fit:
+        if self._fit is None:
+            raise BackupError(
+                f"Lifecycle.{what}() was called while no fit is running; expected open() first. "
                 "This is a bug in the adapter: please report it."
             )
+        return self._fit
 
 
 def _as_backup_error(exc: Exception, context: str) -> BackupError:
@@ -365,6 +363,14 @@ def _as_backup_error(exc: Exception, context: str) -> BackupError:
         return exc
     if isinstance(exc, OSError):
         return BackupWriteError(
-            exc.errno, f"{context}: {exc}. Check that backup_dir is readable and writable."
+            exc.errno, f"{context}: {exc}. Check that backup_dir exists, is a folder, and is writable."
         )
     return BackupError(f"{context}: {type(exc).__name__}: {exc}")
+
+
+def _rebuilt(outcome: dict[str, Any]) -> BackupError:
+    """On a non-primary process, the primary's error, of the same class."""
+    cls = getattr(errors, outcome["error"], BackupError)
+    if issubclass(cls, OSError):
+        return cls(outcome["errno"], outcome["message"])
+    return cls(outcome["message"])

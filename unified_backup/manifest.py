@@ -49,6 +49,16 @@ class Counters:
 
 
 @dataclasses.dataclass(frozen=True)
+class Header:
+    """What the lifecycle knows about a backup before its files are written: the manifest's own fields."""
+
+    framework: str
+    framework_version: str
+    counters: Counters
+    fingerprint: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """A committed backup: who wrote it, how far training was, and what its files hold."""
 
@@ -64,9 +74,22 @@ class Manifest:
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
     checksum_algorithm: str = CHECKSUM_ALGORITHM
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
+
+    @classmethod
+    def commit_record(cls, header: Header, files: Mapping[str, FileEntry], payload: str) -> Manifest:
+        """The manifest that commits ``payload`` (whose ``files`` were checksummed) for ``header``."""
+        return cls(
+            framework=header.framework,
+            framework_version=header.framework_version,
+            epoch=header.counters.epoch,
+            step_in_epoch=header.counters.step_in_epoch,
+            global_step=header.counters.global_step,
+            fingerprint=dict(header.fingerprint),
+            files=files,
+            payload=payload,
+        )
 
     @property
     def counters(self) -> Counters:
@@ -95,7 +118,6 @@ class Manifest:
             "checksum_algorithm": self.checksum_algorithm,
             "payload": self.payload,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
-            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -143,7 +165,6 @@ class Manifest:
                 payload=str(body["payload"]),
                 created_at=str(body["created_at"]),
                 checksum_algorithm=str(body["checksum_algorithm"]),
-                extra=dict(body.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptBackupError(

@@ -49,6 +49,7 @@ class BackupOptions:
         save_freq: str | int = EPOCH,
         delete_checkpoint: bool = True,
         save_before_preemption: bool | Sequence[str | int] = False,
+        *,
         on_write_error: str = RAISE,
         keep_previous: bool = False,
     ) -> None:
@@ -102,7 +103,3 @@ class BackupOptions:
     @property
     def per_epoch(self) -> bool:
         return self.save_freq == EPOCH
-
-    def step_backup_due(self, global_step: int, last_backup_step: int) -> bool:
-        """With ``save_freq=N``: True once N optimizer steps have run since the last backup."""
-        return not self.per_epoch and global_step - last_backup_step >= int(self.save_freq)

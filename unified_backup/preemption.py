@@ -1,8 +1,10 @@
 """Preemption: on SIGTERM (and signals the user names), back up at the next step and stop.
 
-Adapters create a :class:`PreemptionWatch` when ``fit`` starts, ask :meth:`PreemptionWatch.agreed`
-at every step boundary, and when it says yes, commit a backup and raise :class:`TrainingPreempted`,
-which ends the process with exit code :data:`EXIT_PREEMPTED` unless caught.
+An adapter installs a :class:`PreemptionWatch` (a subclass where its framework handles signals
+itself) when ``fit`` starts and hands it to the lifecycle, which asks :meth:`PreemptionWatch.agreed`
+at every step boundary and, once it says yes, commits a backup of that step, logs
+:func:`stop_message` and raises :class:`TrainingPreempted`, which ends the process with exit code
+:data:`EXIT_PREEMPTED` unless caught.
 
 NOTE: in multi-process runs every process calls ``agreed`` at every step boundary: a signal seen
 by any process stops all of them at the same step.
@@ -101,6 +103,18 @@ class PreemptionWatch:
     def agreed(self, coordinator: Coordinator) -> bool:
         """True on every process once any process has received a signal (call at step boundaries)."""
         return coordinator.any(self.received is not None)
+
+    def before_stop(self) -> None:
+        """Called on every process once the processes agreed to stop, before the last collective."""
+
+
+def cause(received: list[str | None]) -> str:
+    """What every process received (``Coordinator.gather``), e.g. ``"SIGTERM (received by rank 1)"``."""
+    names = " and ".join(sorted({name for name in received if name})) or "a preemption signal"
+    if len(received) == 1:
+        return names
+    ranks = ", ".join(str(rank) for rank, name in enumerate(received) if name)
+    return f"{names} (received by rank {ranks})"
 
 
 def stop_message(cause: str, counters: Counters, backup_dir: object, committed: bool) -> str:

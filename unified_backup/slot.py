@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 
 from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
-from unified_backup.manifest import CHECKSUM_ALGORITHM, MANIFEST_NAME, PREVIOUS_NAME, FileEntry, Manifest
+from unified_backup.manifest import (
+    CHECKSUM_ALGORITHM,
+    MANIFEST_NAME,
+    PREVIOUS_NAME,
+    FileEntry,
+    Header,
+    Manifest,
+)
 
 PAYLOAD_PREFIX = "payload-"
 _PAYLOAD_NAME = re.compile(r"payload-\d{8}T\d{6}-[0-9a-f]{8}(\.worker-\d+)?")
@@ -67,17 +74,6 @@ class Slot:
 
     def payload_dir(self, manifest: Manifest) -> Path:
         return self.directory / manifest.payload
-
-    def records_key(self) -> tuple:
-        """Identity of both commit records (inode, mtime, size): it changes whenever either is replaced."""
-        key = []
-        for path in (self.manifest_path, self.previous_path):
-            try:
-                st = path.stat()
-                key.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except FileNotFoundError:
-                key.append(None)
-        return tuple(key)
 
     def verify(self, manifest: Manifest, record: Path | None = None) -> None:
         """Check every payload file against the manifest (read from ``record``, default ``manifest.json``).
@@ -132,7 +128,7 @@ class Slot:
         path.mkdir()
         return path
 
-    def commit(self, staged: Path, manifest_fields: dict) -> Manifest:
+    def commit(self, staged: Path, header: Header) -> Manifest:
         """Make ``staged`` the committed backup, atomically and durably (see the module docstring)."""
         try:
             files = {}
@@ -142,7 +138,7 @@ class Slot:
             for folder, _, _ in os.walk(staged):
                 fsync_dir(Path(folder))
             fsync_dir(self.directory)  # the staging folder's own entry
-            manifest = Manifest(files=files, payload=staged.name, **manifest_fields)
+            manifest = Manifest.commit_record(header, files, staged.name)
             committed, committed_text = self._committed()
             older = self._previous_payload()
             tmp = self._write_tmp(manifest.to_json())
@@ -160,7 +156,8 @@ class Slot:
                 f"Writing the backup into {self.directory} failed ({exc}); the last "
                 "backup is still committed and intact. Free space or fix permissions on backup_dir.",
             ) from exc
-        unnamed = {committed, older} - {staged.name, committed if self.keep_previous else None, None}
+        kept = {staged.name, committed if self.keep_previous else None}
+        unnamed = {name for name in (committed, older) if name is not None and name not in kept}
         try:
             fsync_dir(self.directory)
             for name in sorted(unnamed):

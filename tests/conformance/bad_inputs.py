@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.harness import Worker
 from unified_backup import (
     BackupDirInUseError,
     CorruptBackupError,
@@ -28,7 +29,6 @@ from unified_backup import (
     UnsafeBackupError,
     UnsupportedFormatError,
 )
-from unified_backup.demo import Worker
 from unified_backup.lock import LOCK_NAME
 from unified_backup.manifest import FileEntry
 

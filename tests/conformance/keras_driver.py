@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from keras_impl import BackupAndRestore
-from unified_backup.demo import worker_argv
+from tests.harness import worker_argv
 
 from .driver import STEPS_PER_EPOCH, FitResult, Interrupt
 
@@ -158,8 +158,8 @@ class KerasDriver:
             error = exc
             if backup is not None:
                 # A restarted job is a new process, whose kernel dropped the old one's lock; this
-                # process goes on, so drop the lock as the process's end would (the backup stays).
-                backup._lifecycle.finish(success=False)
+                # process goes on, so release the folder as the process's end would (the backup stays).
+                backup.release()
         return FitResult(recorder.epochs, int(run.model.optimizer.iterations), error, recorder.losses)
 
     def weights(self, run: KerasRun) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_impl import BackupAndRestore
 from tests.conformance.driver import STEPS_PER_EPOCH, FitResult, Interrupt
-from unified_backup.demo import worker_argv
+from tests.harness import worker_argv
 
 SAMPLES = 64
 BATCH = SAMPLES // STEPS_PER_EPOCH

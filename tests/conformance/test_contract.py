@@ -12,10 +12,10 @@ import textwrap
 
 import numpy as np
 
+from tests.harness import Worker
 from unified_backup import (
     Slot,
 )
-from unified_backup.demo import Worker
 from unified_backup.lock import LOCK_NAME
 
 from .driver import STEPS_PER_EPOCH

@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.harness import Worker
 from unified_backup import Slot
-from unified_backup.demo import Worker
 
 EPOCHS = 5
 ONE = [(1, 3)]

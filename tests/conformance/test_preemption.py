@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
+from tests.harness import Worker
 from unified_backup import Slot
-from unified_backup.demo import Worker
 from unified_backup.preemption import EXIT_PREEMPTED
 
 

@@ -13,7 +13,7 @@ from unified_backup import BackupOptions, BackupWriteError, Counters, Lifecycle,
 from unified_backup.slot import PAYLOAD_PREFIX
 
 from ..faults import fill, read_only, tmpfs
-from .conftest import FakeState
+from .conftest import FakeState, epoch_end
 
 
 def committed_epoch(backup_dir):
@@ -25,19 +25,19 @@ def committed_epoch(backup_dir):
 
 
 def started(backup_dir, **options):
-    lifecycle = Lifecycle(BackupOptions(backup_dir, **options))
-    lifecycle.start(FakeState())
-    lifecycle.backup(FakeState(b"epoch1" * 1000), Counters(1, 0, 8))
-    return lifecycle
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir, **options)), FakeState()
+    lifecycle.start(state)
+    epoch_end(lifecycle, state, b"epoch1" * 1000, Counters(1, 0, 8))
+    return lifecycle, state
 
 
 def test_disk_full_raises_and_keeps_the_previous_backup(tmp_path):
     with tmpfs(tmp_path / "mnt", "1m") as mount:
         backup_dir = mount / "backup"
-        lifecycle = started(backup_dir)
+        lifecycle, state = started(backup_dir)
         fill(mount)
         with pytest.raises(BackupWriteError, match="still committed and intact") as info:
-            lifecycle.backup(FakeState(b"epoch2" * 100000), Counters(2, 0, 16))
+            epoch_end(lifecycle, state, b"epoch2" * 100000, Counters(2, 0, 16))
         assert info.value.errno == errno.ENOSPC
         assert committed_epoch(backup_dir) == 1
         lifecycle.finish(success=False)
@@ -46,13 +46,13 @@ def test_disk_full_raises_and_keeps_the_previous_backup(tmp_path):
 def test_disk_full_with_warn_trains_on_and_backs_up_once_space_returns(tmp_path, caplog):
     with tmpfs(tmp_path / "mnt", "1m") as mount:
         backup_dir = mount / "backup"
-        lifecycle = started(backup_dir, on_write_error="warn")
+        lifecycle, state = started(backup_dir, on_write_error="warn")
         filler = fill(mount)
-        assert lifecycle.backup(FakeState(b"epoch2" * 100000), Counters(2, 0, 16)) is None
+        assert epoch_end(lifecycle, state, b"epoch2" * 100000, Counters(2, 0, 16)) is None
         assert "Backup skipped" in caplog.text and "No space left" in caplog.text
         assert committed_epoch(backup_dir) == 1
         filler.unlink()
-        assert lifecycle.backup(FakeState(b"epoch3"), Counters(3, 0, 24)).epoch == 3
+        assert epoch_end(lifecycle, state, b"epoch3", Counters(3, 0, 24)).epoch == 3
         assert committed_epoch(backup_dir) == 3
         lifecycle.finish(success=True)
         assert not backup_dir.exists()
@@ -60,10 +60,10 @@ def test_disk_full_with_warn_trains_on_and_backs_up_once_space_returns(tmp_path,
 
 def test_read_only_folder(tmp_path):
     backup_dir = tmp_path / "backup"
-    lifecycle = started(backup_dir)
+    lifecycle, state = started(backup_dir)
     with read_only(backup_dir):
         with pytest.raises(BackupWriteError, match="Operation not permitted") as info:
-            lifecycle.backup(FakeState(b"epoch2"), Counters(2, 0, 16))
+            epoch_end(lifecycle, state, b"epoch2", Counters(2, 0, 16))
         assert info.value.errno == errno.EPERM
     assert committed_epoch(backup_dir) == 1
     lifecycle.finish(success=False)
@@ -75,14 +75,14 @@ FILE_TOO_LARGE = textwrap.dedent(
     from pathlib import Path
     from unified_backup import BackupOptions, BackupWriteError, Counters, Lifecycle
     sys.path.insert(0, sys.argv[2])
-    from tests.core.conftest import FakeState
+    from tests.core.conftest import FakeState, epoch_end
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # deliver EFBIG instead of killing the process
-    lifecycle = Lifecycle(BackupOptions(sys.argv[1]))
-    lifecycle.start(FakeState())
-    lifecycle.backup(FakeState(b"small"), Counters(1, 0, 8))
+    lifecycle, state = Lifecycle(BackupOptions(sys.argv[1])), FakeState()
+    lifecycle.start(state)
+    epoch_end(lifecycle, state, b"small", Counters(1, 0, 8))
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
     try:
-        lifecycle.backup(FakeState(b"large" * 10000), Counters(2, 0, 16))
+        epoch_end(lifecycle, state, b"large" * 10000, Counters(2, 0, 16))
     except BackupWriteError as exc:
         print("errno", exc.errno, exc)
     """

@@ -22,7 +22,7 @@ from unified_backup.lock import LOCK_NAME
 from unified_backup.manifest import PREVIOUS_NAME
 from unified_backup.slot import PAYLOAD_PREFIX
 
-from .conftest import FakeState
+from .conftest import FakeState, epoch_end
 
 
 def payloads(directory):
@@ -39,10 +39,10 @@ def snapshot(directory):
 
 def train(backup_dir, backups, keep_previous=True):
     """A fit that commits ``backups`` backups (epochs 1..N, weights b"e1", b"e2", ...) and is interrupted."""
-    lifecycle = Lifecycle(BackupOptions(backup_dir, keep_previous=keep_previous))
-    lifecycle.start(FakeState())
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir, keep_previous=keep_previous)), FakeState()
+    lifecycle.start(state)
     for epoch in range(1, backups + 1):
-        lifecycle.backup(FakeState(f"e{epoch}".encode()), Counters(epoch, 0, 8 * epoch))
+        epoch_end(lifecycle, state, f"e{epoch}".encode(), Counters(epoch, 0, 8 * epoch))
     lifecycle.finish(success=False)
 
 
@@ -107,7 +107,7 @@ def test_a_refused_newest_backup_falls_back_to_the_previous_one_with_a_warning(b
     assert slot.read_manifest() == manifest and slot.read_previous() is None
     assert payloads(backup_dir) == [manifest.payload]
     # Training goes on and the second slot fills again.
-    lifecycle.backup(FakeState(b"e3-again"), Counters(3, 0, 24))
+    epoch_end(lifecycle, state, b"e3-again", Counters(3, 0, 24))
     assert (slot.read_manifest().epoch, slot.read_previous().epoch) == (3, 2)
     lifecycle.finish(success=True)
     assert not backup_dir.exists()
@@ -205,7 +205,7 @@ def test_a_missing_previous_payload_is_named_by_its_own_record(backup_dir):
     refused(backup_dir, r"refused too: .*manifest.previous.json names payload folder")
 
 
-def test_peek_picks_the_fallback_without_changing_anything_and_start_reuses_it(backup_dir, monkeypatch):
+def test_open_picks_the_fallback_without_changing_anything_and_restore_reuses_it(backup_dir, monkeypatch):
     train(backup_dir, 3)
     damage_newest_payload(backup_dir)
     before = snapshot(backup_dir)
@@ -215,10 +215,10 @@ def test_peek_picks_the_fallback_without_changing_anything_and_start_reuses_it(b
     monkeypatch.setattr(
         Slot, "verify", lambda self, m, record=None: verified.append(m.epoch) or original(self, m, record)
     )
-    assert lifecycle.peek("fake").epoch == 2
-    assert snapshot(backup_dir) == before and verified == [3, 2]
     state = FakeState(b"fresh")
-    assert lifecycle.start(state).epoch == 2 and state.weights == b"e2"
-    assert verified == [3, 2]  # start reused the verified choice: each backup was hashed once
+    assert lifecycle.open(state).epoch == 2
+    assert snapshot(backup_dir) == before and verified == [3, 2] and state.loads == 0
+    assert lifecycle.restore().epoch == 2 and state.weights == b"e2"
+    assert verified == [3, 2]  # restore used the verified choice: each backup was hashed once
     assert Slot(backup_dir).read_manifest().epoch == 2
     lifecycle.finish(success=False)

@@ -28,7 +28,7 @@ HOLD_LOCK = textwrap.dedent(
 WRITE_FOREVER = textwrap.dedent(
     """
     import sys
-    from unified_backup import Slot
+    from unified_backup import Counters, Header, Slot
     slot = Slot(sys.argv[1], keep_previous=sys.argv[2] == "1")
     manifest = slot.read_manifest()
     slot.remove_leftovers(manifest, slot.read_previous() if slot.keep_previous else None)
@@ -39,8 +39,7 @@ WRITE_FOREVER = textwrap.dedent(
         staged = slot.stage()
         (staged / "weights.bin").write_bytes(bytes([i % 256]) * (4 << 20))
         (staged / "counter.txt").write_text(str(i))
-        slot.commit(staged, {"framework": "fake", "framework_version": "1", "epoch": i,
-                             "step_in_epoch": 0, "global_step": i, "fingerprint": {}})
+        slot.commit(staged, Header("fake", "1", Counters(i, 0, i), {}))
     """
 )
 

@@ -5,16 +5,18 @@ import pytest
 
 from unified_backup import (
     BackupOptions,
+    BackupWriteError,
     CorruptBackupError,
     Counters,
     IncompatibleBackupError,
     Lifecycle,
+    Position,
     Slot,
     UnsupportedFormatError,
 )
 from unified_backup.lock import LOCK_NAME
 
-from .conftest import FakeState
+from .conftest import FakeState, epoch_end
 
 
 def test_fresh_start_backup_and_success_delete(backup_dir):
@@ -22,7 +24,7 @@ def test_fresh_start_backup_and_success_delete(backup_dir):
     state = FakeState(b"w")
     assert lifecycle.start(state) is None and state.loads == 0
     assert (backup_dir / LOCK_NAME).exists()
-    manifest = lifecycle.backup(state, Counters(1, 0, 8))
+    manifest = epoch_end(lifecycle, state, b"w", Counters(1, 0, 8))
     assert manifest.epoch == 1 and lifecycle.stats.backups == 1 and lifecycle.stats.seconds > 0
     lifecycle.finish(success=True)
     assert not backup_dir.exists()
@@ -40,9 +42,9 @@ def test_failure_keeps_the_backup_and_restore_loads_it(committed):
 
 
 def test_delete_checkpoint_false_keeps_the_backup(backup_dir):
-    lifecycle = Lifecycle(BackupOptions(backup_dir, delete_checkpoint=False))
-    lifecycle.start(FakeState())
-    lifecycle.backup(FakeState(), Counters(1, 0, 8))
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir, delete_checkpoint=False)), FakeState()
+    lifecycle.start(state)
+    epoch_end(lifecycle, state, b"w", Counters(1, 0, 8))
     lifecycle.finish(success=True)
     assert Slot(backup_dir).read_manifest().epoch == 1
     assert not (backup_dir / LOCK_NAME).exists()
@@ -91,7 +93,7 @@ def test_damaged_manifest_never_gets_its_payload_deleted(committed):
 
 def test_failed_load_releases_the_lock(committed):
     class Broken(FakeState):
-        def load(self, directory, manifest):
+        def load(self, directory, manifest, coordinator):
             raise RuntimeError("framework exploded")
 
     with pytest.raises(RuntimeError):
@@ -100,17 +102,11 @@ def test_failed_load_releases_the_lock(committed):
 
 
 def test_failed_save_leaves_the_previous_backup_committed(committed):
-    class Full(FakeState):
-        def save(self, directory):
-            (directory / "weights.bin").write_bytes(b"partial")
-            raise OSError(28, "No space left on device")
-
-    lifecycle = Lifecycle(BackupOptions(committed))
-    lifecycle.start(FakeState())
-    from unified_backup import BackupWriteError
-
+    lifecycle, state = Lifecycle(BackupOptions(committed)), FakeState()
+    lifecycle.start(state)
+    state.failure = OSError(28, "No space left on device")
     with pytest.raises(BackupWriteError, match="last backup .* is still committed"):
-        lifecycle.backup(Full(), Counters(3, 0, 24))
+        epoch_end(lifecycle, state, b"full", Counters(3, 0, 24))
     slot = Slot(committed)
     manifest = slot.read_manifest()
     slot.verify(manifest)
@@ -125,3 +121,20 @@ def test_leftover_staging_is_removed_at_start_with_a_warning(committed, caplog):
         manifest = Lifecycle(BackupOptions(committed)).start(FakeState())
     assert not orphan.exists() and manifest.epoch == 2
     assert "incomplete backup" in caplog.text
+
+
+def test_boundaries_back_up_every_save_freq_steps_or_at_each_epoch_end_once(backup_dir):
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir, save_freq=3)), FakeState()
+    lifecycle.start(state)
+    committed = [step for step in range(1, 8) if lifecycle.boundary(Position(0, step, step, step))]
+    assert committed == [3, 6] and Slot(backup_dir).read_manifest().counters == Counters(0, 6, 6)
+    assert lifecycle.boundary(Position.epoch_end(1, 8), epoch_end=True) is None  # 2 steps since the last
+    lifecycle.finish(success=False)
+
+    lifecycle = Lifecycle(BackupOptions(backup_dir))
+    lifecycle.start(state)
+    assert not any(lifecycle.boundary(Position(2, step, 16 + step, step)) for step in range(1, 8))
+    assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True).counters == Counters(3, 0, 24)
+    assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True) is None  # never one step twice
+    assert lifecycle.stats.backups == 1
+    lifecycle.finish(success=True)

@@ -37,9 +37,3 @@ def test_preemption_signals(tmp_path):
 def test_bad_preemption_signals(tmp_path, value):
     with pytest.raises(InvalidArgumentError, match=r"save_before_preemption.*Expected True \(SIGTERM\)"):
         BackupOptions(tmp_path, save_before_preemption=value)
-
-
-def test_step_schedule(tmp_path):
-    options = BackupOptions(tmp_path, save_freq=3)
-    assert [options.step_backup_due(step, 0) for step in range(1, 5)] == [False, False, True, True]
-    assert not BackupOptions(tmp_path).step_backup_due(100, 0)

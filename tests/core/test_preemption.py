@@ -6,8 +6,20 @@ import threading
 
 import pytest
 
-from unified_backup import BackupError, InvalidArgumentError, SingleProcess, UnsupportedEnvironmentError
-from unified_backup.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted, parse_signals
+from unified_backup import (
+    BackupError,
+    BackupOptions,
+    InvalidArgumentError,
+    Lifecycle,
+    Position,
+    SingleProcess,
+    Slot,
+    UnsupportedEnvironmentError,
+)
+from unified_backup.lock import LOCK_NAME
+from unified_backup.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted, cause, parse_signals
+
+from .conftest import FakeState
 
 
 def test_signals_are_recorded_and_handlers_restored():
@@ -63,3 +75,44 @@ def test_uncaught_preemption_exits_with_the_documented_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == EXIT_PREEMPTED == 143 and result.stderr == ""
     assert isinstance(TrainingPreempted("x"), BackupError)
+
+
+def test_the_lifecycle_backs_up_the_signalled_step_once_stops_and_releases_everything(tmp_path, caplog):
+    before = signal.getsignal(signal.SIGUSR1)
+    lifecycle, state = Lifecycle(BackupOptions(tmp_path, save_freq=2)), FakeState()
+    lifecycle.start(state)
+    watch = PreemptionWatch([signal.SIGUSR1])
+    watch.install()
+    lifecycle.watch(watch)
+    assert lifecycle.boundary(Position(0, 1, 1, 1)) is None
+    assert lifecycle.boundary(Position(0, 2, 2, 2)).global_step == 2  # due
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted) as stopped:
+        lifecycle.boundary(Position(0, 3, 3, 3))
+    assert str(stopped.value) == (
+        f"Preempted by SIGUSR1: backed up global step 3 (0 epoch(s) done, 3 step(s) into the next) to "
+        f"{tmp_path} and stopped training; exit code 143 (TrainingPreempted). Run the same training again "
+        "to resume from there."
+    )
+    assert stopped.value.code == EXIT_PREEMPTED and caplog.text.count("Preempted by SIGUSR1") == 1
+    assert Slot(tmp_path).read_manifest().global_step == 3 and lifecycle.stats.backups == 2
+    assert signal.getsignal(signal.SIGUSR1) == before and not (tmp_path / LOCK_NAME).exists()
+    assert not lifecycle.running
+
+
+def test_a_step_already_backed_up_is_not_written_again_on_a_signal(tmp_path):
+    lifecycle, state = Lifecycle(BackupOptions(tmp_path, save_freq=2)), FakeState()
+    lifecycle.start(state)
+    watch = PreemptionWatch([signal.SIGUSR1])
+    watch.install()
+    lifecycle.watch(watch)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted, match="backed up global step 2 "):
+        lifecycle.boundary(Position(0, 2, 2, 2))  # due and signalled: one backup
+    assert lifecycle.stats.backups == 1
+
+
+def test_the_cause_names_the_ranks_that_received_a_signal():
+    assert cause(["SIGTERM"]) == "SIGTERM"
+    assert cause([None, "SIGTERM"]) == "SIGTERM (received by rank 1)"
+    assert cause(["SIGUSR1", "SIGTERM"]) == "SIGTERM and SIGUSR1 (received by rank 0, 1)"

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from unified_backup import CorruptBackupError, Counters, Slot
+from unified_backup import CorruptBackupError, Counters, Header, Position, SingleProcess, Slot
 from unified_backup.slot import PAYLOAD_PREFIX
 
 from .conftest import FakeState
@@ -15,18 +15,8 @@ def payloads(directory):
 
 def commit(slot, weights=b"abc", epoch=1):
     staged = slot.stage()
-    FakeState(weights).save(staged)
-    return slot.commit(
-        staged,
-        {
-            "framework": "fake",
-            "framework_version": "1",
-            "epoch": epoch,
-            "step_in_epoch": 0,
-            "global_step": epoch * 8,
-            "fingerprint": {},
-        },
-    )
+    FakeState(weights).save(staged, Position.epoch_end(epoch, epoch * 8), SingleProcess())
+    return slot.commit(staged, Header("fake", "1", Counters(epoch, 0, epoch * 8), {}))
 
 
 def test_commit_writes_manifest_last_and_replaces_the_old_backup(backup_dir):

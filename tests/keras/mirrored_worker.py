@@ -96,7 +96,7 @@ def scenario(root: Path, save_freq, at, preempt=False):
     except TrainingPreempted:  # it has released the folder and the SIGTERM handler
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     except RuntimeError:
-        callback._lifecycle.finish(success=False)
+        callback.release()
     manifest = Slot(backup_dir).read_manifest()
     resumed = model(1)
     epochs = fit(resumed, [BackupAndRestore(backup_dir, save_freq=save_freq)])

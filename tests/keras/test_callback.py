@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
 import pytest
 
 from keras_impl import BackupAndRestore, pipeline
-from keras_impl.callback import _FirstSteps
 from keras_impl.state import KerasTrainingState, canonical_paths
 from tests.conformance.keras_driver import BATCH, KerasDriver, data
 from unified_backup import (
     CorruptBackupError,
-    Counters,
     InvalidArgumentError,
     Manifest,
+    Position,
+    SingleProcess,
     Slot,
 )
 
@@ -68,7 +71,7 @@ def interrupted(backup_dir, model=None, at=(2, 3), **callback_args) -> BackupAnd
     callback = BackupAndRestore(backup_dir, **callback_args)
     with pytest.raises(RuntimeError, match="interrupt"):
         fit(model if model is not None else new_model(), [Interrupt(*at), callback])
-    callback._lifecycle.finish(success=False)  # what the process's end would do to the lock
+    callback.release()  # what the process's end would do to the lock
     return callback
 
 
@@ -119,7 +122,8 @@ def test_unbuilt_model_trains_backs_up_and_resumes_exactly(tmp_path):
     assert int(resumed.optimizer.iterations) == 4 * STEPS
     assert_same(resumed, control)
     assert not (tmp_path / "b").exists()
-    assert resumed._initial_epoch is None and not isinstance(resumed.train_function, _FirstSteps)
+    assert fit(resumed, [], epochs=1) == [0]  # nothing of the resume is left on the model
+    assert int(resumed.optimizer.iterations) == 5 * STEPS
 
 
 def test_unbuilt_model_resumes_inside_an_epoch(tmp_path):
@@ -166,7 +170,7 @@ def test_early_stopping_after_a_resume_is_a_success_and_deletes(tmp_path):
     stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0)
     assert fit(model, [stop, BackupAndRestore(tmp_path / "b")], epochs=10) == [2, 3]
     assert not (tmp_path / "b").exists()
-    assert model._initial_epoch is None
+    assert fit(model, [], epochs=2) == [0, 1]  # a later plain fit starts at its first epoch
 
 
 def test_user_initial_epoch_without_a_backup_is_honoured(tmp_path):
@@ -194,7 +198,6 @@ def test_nothing_is_left_on_the_model_after_a_resumed_fit(tmp_path):
     interrupted(tmp_path / "b", at=(2, 5), save_freq=3)
     model = new_model(seed=1)
     assert fit(model, [BackupAndRestore(tmp_path / "b", save_freq=3)]) == [2, 3]
-    assert model._initial_epoch is None and not isinstance(model.train_function, _FirstSteps)
     # Keras's own BackupAndRestore leaves _initial_epoch set: a later plain fit then runs fewer epochs.
     before = int(model.optimizer.iterations)
     assert fit(model, [], epochs=4) == [0, 1, 2, 3]
@@ -277,17 +280,47 @@ def test_state_translates_a_damaged_checkpoint(tmp_path):
     model = new_model()
     fit(model, [], epochs=1)
     state = KerasTrainingState(model)
-    state.record(Counters(1, 0, STEPS))
-    state.save(tmp_path)
+    state.save(tmp_path, Position.epoch_end(1, STEPS), SingleProcess())
     fake = Manifest("keras", "x", 1, 0, STEPS, {}, {}, "payload-x")
-    state.load(tmp_path, fake)  # intact: loads
+    state.load(tmp_path, fake, SingleProcess())  # intact: loads
     wrong = Manifest("keras", "x", 2, 0, STEPS, {}, {}, "payload-x")
     with pytest.raises(CorruptBackupError, match="counters"):
-        state.load(tmp_path, wrong)
+        state.load(tmp_path, wrong, SingleProcess())
     data_file = next(tmp_path.glob("ckpt-*.data-*"))
     data_file.write_bytes(data_file.read_bytes()[:10])
     with pytest.raises(CorruptBackupError):
-        state.load(tmp_path, fake)
+        state.load(tmp_path, fake, SingleProcess())
     (tmp_path / "checkpoint").unlink()
     with pytest.raises(CorruptBackupError, match="checkpoint state"):
-        state.load(tmp_path, fake)
+        state.load(tmp_path, fake, SingleProcess())
+
+
+TRY_LOCK = textwrap.dedent(
+    """
+    import sys
+    from unified_backup import BackupDirInUseError
+    from unified_backup.lock import DirectoryLock
+    try:
+        DirectoryLock(sys.argv[1]).acquire()
+        print("locked")
+    except BackupDirInUseError:
+        print("in use")
+    """
+)
+
+
+def test_release_after_a_fit_that_raised_frees_the_folder_for_another_process(tmp_path):
+    """Keras calls no hook when fit raises: the folder stays this process's until release()."""
+    callback = BackupAndRestore(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="interrupt"):
+        fit(new_model(), [Interrupt(2, 3), callback])
+
+    def other_process() -> str:
+        argv = [sys.executable, "-c", TRY_LOCK, str(tmp_path / "b")]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+    assert other_process() == "in use"
+    callback.release()
+    assert other_process() == "locked"
+    assert manifest_counters(tmp_path / "b") == (2, 0, 2 * STEPS)  # the backup stays
+    Slot(tmp_path / "b").verify(Slot(tmp_path / "b").read_manifest())

@@ -16,7 +16,7 @@ from keras_impl.state import EXTRA_FILE, KerasTrainingState
 from tests.conformance.keras_driver import BATCH, KerasDriver, Reshuffled, data
 from tests.keras import test_callback as plain
 from tests.keras.test_callback import Interrupt
-from unified_backup import CorruptBackupError, Counters, Manifest, Slot
+from unified_backup import CorruptBackupError, Counters, Manifest, Position, SingleProcess, Slot
 
 pytestmark = pytest.mark.keras
 
@@ -373,10 +373,9 @@ def test_a_backup_without_its_rng_and_metric_state_is_refused(tmp_path):
     model = driver.new_run().model
     model.fit(*data(), batch_size=BATCH, epochs=1, verbose=0)
     state = KerasTrainingState(model)
-    state.record(Counters(1, 0, STEPS))
-    state.save(tmp_path)
+    state.save(tmp_path, Position.epoch_end(1, STEPS), SingleProcess())
     manifest = Manifest("keras", "x", 1, 0, STEPS, {}, {}, "payload-x")
-    state.load(tmp_path, manifest)
+    state.load(tmp_path, manifest, SingleProcess())
     (tmp_path / EXTRA_FILE).unlink()
     with pytest.raises(CorruptBackupError, match=EXTRA_FILE):
-        state.load(tmp_path, manifest)
+        state.load(tmp_path, manifest, SingleProcess())

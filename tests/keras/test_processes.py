@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.harness import Worker
 from unified_backup import Slot
-from unified_backup.demo import Worker
 
 pytestmark = pytest.mark.keras
 

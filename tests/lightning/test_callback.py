@@ -353,23 +353,23 @@ def test_strategies_that_restore_after_setup_are_refused(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_the_checkpoint_s_temporary_file_is_written_inside_the_staging_folder(tmp_path):
-    """Lightning writes a temporary file and moves it: a kill inside that write must leave the file in
-    our staging folder (removed at the next start), never in $TMPDIR (where it stayed for good)."""
+def test_a_backup_writes_no_temporary_file_outside_backup_dir(tmp_path, monkeypatch):
+    """Lightning's own save writes a temporary file in $TMPDIR and moves it: a kill inside that write
+    left a state-sized file there for good. A backup writes its checkpoint into the staging folder."""
     import tempfile
 
-    seen: list[str] = []
+    made: list[str] = []
+    mkstemp = tempfile.mkstemp
 
-    class WhereTemporaryFilesGo(L.Callback):
-        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
-            seen.append(tempfile.gettempdir())
+    def recording_mkstemp(*args: Any, **kwargs: Any) -> Any:
+        fd, name = mkstemp(*args, **kwargs)
+        made.append(name)
+        return fd, name
 
-    before = tempfile.gettempdir()
-    result = fit(
-        new_model("lightning.pytorch"), tmp_path / "b", epochs=2, callbacks=[WhereTemporaryFilesGo()]
-    )
-    assert result.error is None and len(seen) >= 1
-    assert all(
-        pathlib.Path(d).parent == tmp_path / "b" and pathlib.Path(d).name.startswith("payload-") for d in seen
-    )
-    assert tempfile.gettempdir() == before
+    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    backup = BackupAndRestore(tmp_path / "b", delete_checkpoint=False)
+    result = fit(new_model("lightning.pytorch"), None, epochs=2, backup=backup)
+    assert result.error is None and Slot(tmp_path / "b").read_manifest().epoch == 2
+    assert made == []
+    result.trainer.save_checkpoint(tmp_path / "lightning.ckpt")  # Lightning's own save makes one
+    assert len(made) == 1 and not pathlib.Path(made[0]).is_relative_to(tmp_path)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_impl.state import rng_state, set_rng_state
+from lightning_impl.rng import rng_state, set_rng_state
 from tests.lightning.helpers import fit, new_model
 from unified_backup import Slot
 from unified_backup.manifest import FileEntry

@@ -97,7 +97,8 @@ def test_a_signal_backs_up_the_step_stops_and_the_resume_is_exact(case, tmp_path
         f"to {backup_dir} and stopped training; exit code 143 (TrainingPreempted). Run the same training "
         "again to resume from there."
     )
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning_impl")] == [line]
+    records = [r for r in caplog.records if r.name.startswith(("lightning_impl", "unified_backup"))]
+    assert [r.getMessage() for r in records] == [line]
     assert str(error) == line
 
     resumed = new_model(namespace, seed=1, **model_kwargs)
@@ -137,7 +138,7 @@ def test_handlers_chain_the_users_during_training_and_are_restored_after_every_k
         backup = lightning_impl.BackupAndRestore(tmp_path / "b", save_before_preemption=listed)
         assert fit(new_model(), None, epochs=1, backup=backup, callbacks=[Probe()]).error is None
         # ours, not Lightning's (which Lightning installs for SIGTERM after on_fit_start)
-        assert [type(getattr(h, "__self__", None)) for h in seen["during"]] == [PreemptionWatch] * 2
+        assert all(isinstance(getattr(h, "__self__", None), PreemptionWatch) for h in seen["during"])
         interrupted = fit(new_model(), None, epochs=2, backup=backup, interrupt=(1, 1))
         assert isinstance(interrupted.error, RuntimeError)
         assert signal.getsignal(signal.SIGTERM) is users and signal.getsignal(signal.SIGUSR1) is users

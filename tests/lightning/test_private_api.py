@@ -96,6 +96,27 @@ def test_restore_in_on_fit_start_restores_model_callbacks_optimizer_scheduler_an
     )
 
 
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_checkpoint_is_built_and_the_loaded_one_is_kept_where_the_state_reads_them(namespace, tmp_path):
+    result = fit(new_model(namespace), None, epochs=1, namespace=namespace)
+    checkpoint = _private.dump_checkpoint(result.trainer)
+    assert {"state_dict", "optimizer_states", "loops", "callbacks"} <= checkpoint.keys(), (
+        CHANGED
+        + "_CheckpointConnector.dump_checkpoint(weights_only=False) no longer builds a full checkpoint."
+    )
+    checkpoint["unified_backup"] = {"marker": 1}
+    torch.save(checkpoint, tmp_path / "state.ckpt")
+    seen: dict[str, Any] = {}
+
+    class Restore(NAMESPACES[namespace][0].Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            _private.restore_modules_and_callbacks(trainer, tmp_path / "state.ckpt")
+            seen["entry"] = _private.loaded_checkpoint(trainer).get("unified_backup")
+
+    assert fit(new_model(namespace), None, epochs=2, namespace=namespace, callbacks=[Restore()]).error is None
+    assert seen["entry"] == {"marker": 1}, CHANGED + "_CheckpointConnector._loaded_checkpoint is gone."
+
+
 @pytest.mark.parametrize("step_based", [False, True])
 def test_counters_of_a_checkpoint_are_where_mark_epoch_closed_expects_them(tmp_path, step_based):
     result = fit(new_model(), None, epochs=2)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import Worker
 from unified_backup import Slot
-from unified_backup.demo import Worker
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED
 
@@ -146,7 +146,7 @@ def test_sigkill_mid_epoch_with_shuffle_and_dropout_resumes_bit_identical(tmp_pa
 def preempted_line(worker: Worker, signal_name: str, manifest, backup_dir: Path) -> None:
     """Assert that the worker logged exactly one preemption line, naming the signal, the step and more."""
     expected = (
-        f"WARNING lightning_impl.callback: Preempted by {signal_name}: backed up global step "
+        f"WARNING unified_backup.lifecycle: Preempted by {signal_name}: backed up global step "
         f"{manifest.global_step} ({manifest.epoch} epoch(s) done, {manifest.step_in_epoch} step(s) into the "
         f"next) to {backup_dir} and stopped training; exit code 143 (TrainingPreempted). Run the same "
         "training again to resume from there.\n"

@@ -1,0 +1,168 @@
+"""Where a Keras ``fit`` stands, and how a resumed one starts where the backup was made.
+
+Keras 3 has no initial-step mechanism and, without a strategy, builds the model only in its first
+step. :class:`Resume` therefore
+
+- tells ``fit`` the first epoch (``_private.set_initial_epoch``) and clears it once that epoch began;
+- restores at once when the model is built (or can be built from the input's structure), else at
+  the first step, before it trains, through a stand-in for the model's train function;
+- inside an epoch, has that stand-in read the batches trained before the backup without training
+  on them, and put back the compiled metrics' sums that ``fit`` reset for the epoch;
+- turns the optimizer's counters into the :class:`Position` of each boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from keras_impl import _private, pipeline, rng
+from keras_impl.state import KerasTrainingState
+from unified_backup.manifest import Manifest
+from unified_backup.state import Position
+
+log = logging.getLogger(__name__)
+
+
+class Resume:
+    """The position of one ``fit`` of ``state.model``, and the steps that resume it."""
+
+    def __init__(self, state: KerasTrainingState, fit_input: pipeline.InputPipeline) -> None:
+        self.state = state
+        self.model = state.model
+        self.input = fit_input
+        self.epoch = 0
+        self._epoch_start = (0, 0)  # (optimizer steps, batches) when the current epoch began
+        self._resumed_start: tuple[int, int] | None = None  # the resumed epoch's, until it begins
+
+    def restore_now(self, opened: Manifest | None) -> bool:
+        """Whether the backup ``opened`` can be restored before ``fit`` draws its first epoch's order.
+
+        Builds the model from the input's structure where ``fit`` would only build it in its first step.
+        """
+        if opened is not None and not self.model.built and self.input.element_spec is not None:
+            _private.build_from_spec(self.model, self.input.element_spec)
+        return self.model.built or opened is None
+
+    def defer(self, opened: Manifest, restore: Callable[[Any], int]) -> None:
+        """Start ``fit`` at the backup's epoch, and ``restore(iterator)`` at its first step."""
+        _private.set_initial_epoch(self.model, opened.epoch)
+        self.epoch = opened.epoch
+        _FirstSteps(self.model, restore)
+
+    def build(self, iterator: Any = None) -> None:
+        """Build what the first step would build, so that the backup can be checked and loaded."""
+        if iterator is not None:
+            _private.build_from_spec(self.model, iterator.element_spec)
+        model = self.model
+        if model.built and not model.optimizer.built:
+            with model.distribute_strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+
+    def restored(self, manifest: Manifest | None, iterator: Any = None) -> int:
+        """Start ``fit`` where ``manifest`` was made; return the batches its epoch is to skip.
+
+        ``iterator``: the first step's (the epoch began already), or None in ``on_train_begin``.
+        """
+        if manifest is None:
+            return 0
+        skip = self.state.restored_batch_in_epoch  # batches, not optimizer steps (gradient accumulation)
+        steps, batches = self.state.position
+        start = (steps - manifest.step_in_epoch, batches - skip)
+        if iterator is None:
+            _private.set_initial_epoch(self.model, manifest.epoch)
+            self.epoch, self._resumed_start = manifest.epoch, start
+        else:
+            self._epoch_start = start
+        seeds = self.state.restored_tf_seed, rng.tf_global_seed()
+        log.log(*self.input.resume_message(manifest.epoch, skip, *seeds))
+        if skip and iterator is None:
+            _FirstSteps(self.model, lambda it: self._continue_epoch(manifest, skip, it))
+        elif skip:
+            self._continue_epoch(manifest, skip, iterator)
+        return skip
+
+    def _continue_epoch(self, manifest: Manifest, skip: int, iterator: Any) -> int:
+        """At the resumed epoch's first step, put back the metrics' sums, so that the epoch's mean loss
+        counts the batches trained before the backup; return how many batches to skip."""
+        if not _private.compiled_metrics_built(self.model):  # fit builds them in this step
+            _private.build_from_spec(self.model, iterator.element_spec)
+        if not self.state.restore_metrics():
+            log.warning(
+                "The metrics of the backup do not match the compiled metrics; the metrics that fit reports "
+                "for epoch %d cover only its batches after the resume.",
+                manifest.epoch,
+            )
+        return skip
+
+    def epoch_begin(self, epoch: int) -> None:
+        _private.set_initial_epoch(self.model, None)
+        resumed = self._resumed_start is not None and epoch == self.epoch
+        self._epoch_start = self._resumed_start if resumed else self.state.position  # type: ignore[assignment]
+        self._resumed_start, self.epoch = None, epoch
+        self.state.epoch_began()
+
+    def position(self, ended: bool, steps_per_epoch: int | None) -> Position:
+        """Where training stands after a batch, or at the epoch's end (``ended``; maybe stopped inside it)."""
+        step, batches = self.state.position
+        in_steps, in_batches = step - self._epoch_start[0], batches - self._epoch_start[1]
+        total = steps_per_epoch
+        if (total and in_batches >= total) or (ended and not (self.model.stop_training and total)):
+            return Position.epoch_end(self.epoch + 1, step)  # the epoch's last batch
+        return Position(self.epoch, in_steps, step, in_batches)
+
+
+def clear(model: keras.Model) -> None:
+    """Leave nothing of a resume on the model (after ``fit``, or before one that follows a failed one)."""
+    _private.set_initial_epoch(model, None)
+    _FirstSteps.remove(model)
+
+
+class _FirstSteps:
+    """Stands in for the model's train function during the first steps of a resumed ``fit``.
+
+    Its first call runs ``prepare(iterator)`` (a restore that had to wait for the model to be
+    built, or the metrics' sums put back after ``fit`` reset them for the resumed epoch), which
+    returns how many batches the backup had already trained in this epoch. ``fit`` calls the train
+    function once per ``steps_per_execution`` batches; each call here then reads that many batches
+    without training and returns the (reset) metrics, until the count is reached and the model's
+    own function is put back. If ``steps_per_execution`` changed since the backup so that the count
+    does not divide, the straddling call reads the rest and then trains; the epoch's input then
+    ends inside its last call, so every batch is still trained once.
+    """
+
+    def __init__(self, model: keras.Model, prepare: Callable[[Any], int]) -> None:
+        self.model = model
+        self.original = _private.train_function(model)
+        self.prepare = prepare
+        self.remaining = 0
+        self.iterator: Any = None
+        _private.set_train_function(model, self)
+
+    def __call__(self, iterator: Any) -> Any:
+        if self.iterator is None:
+            self.iterator = iterator
+            self.remaining = self.prepare(iterator)
+        if self.remaining <= 0 or iterator is not self.iterator:  # done, or a later epoch or fit
+            _FirstSteps.remove(self.model)
+            return self.original(iterator)
+        per_call = self.model.steps_per_execution
+        skipped = min(per_call, self.remaining)
+        for _ in range(skipped):
+            next(iterator)
+        self.remaining -= skipped
+        if self.remaining <= 0:
+            _FirstSteps.remove(self.model)
+        if skipped < per_call:
+            return self.original(iterator)
+        return self.model.get_metrics_result()
+
+    @staticmethod
+    def remove(model: keras.Model) -> None:
+        """Put the model's own train function back, if a stand-in is there."""
+        stand_in = getattr(model, "train_function", None)
+        if isinstance(stand_in, _FirstSteps):
+            _private.set_train_function(model, stand_in.original)

@@ -1,0 +1,50 @@
+"""What the tests and benchmarks use to run the demo workers as real processes.
+
+``Worker`` (run a worker, read its ``UB-EVENT`` lines, SIGKILL it) is the demo's own; the argv
+below adds the flags that only the tests and the fault campaign use (reshuffling and dropout,
+preemption signals, the state's size, the second slot).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from unified_backup.demo import WORKERS, Worker
+
+__all__ = ["WORKERS", "Worker", "worker_argv"]
+
+
+def worker_argv(
+    framework: str,
+    backup_dir: Path,
+    out: Path,
+    *,
+    epochs: int,
+    batch_sleep: float = 0.0,
+    save_freq: str | int = "epoch",
+    exact: bool = False,
+    preemption: Sequence[str] = (),
+    hidden: int | None = None,
+    keep_previous: bool = False,
+) -> list[str]:
+    """argv of a framework's demo worker (``python -m <adapter>.demo``), the same flags for both.
+
+    ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
+    ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);
+    ``keep_previous`` passes ``keep_previous=True``.
+    """
+    argv = [
+        sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
+        "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
+    ]  # fmt: skip
+    if exact:
+        argv += ["--shuffle", "--dropout", "0.2"]
+    if preemption:
+        argv += ["--save-before-preemption", *preemption]
+    if hidden is not None:
+        argv += ["--hidden", str(hidden)]
+    if keep_previous:
+        argv.append("--keep-previous")
+    return argv

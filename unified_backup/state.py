@@ -1,0 +1,65 @@
+"""The state protocol: what an adapter hands the lifecycle, and where training stands when it does.
+
+An adapter supplies one :class:`TrainingState` per ``fit`` and reports each step or epoch
+boundary as a :class:`Position`. The core decides whether to back up and where the files go; the
+state only writes its framework's files into the folder it is given, and reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from unified_backup.coordinator import Coordinator
+from unified_backup.manifest import Counters, Manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Position(Counters):
+    """Where training stands at a step or epoch boundary: the :class:`Counters` the manifest records,
+    and ``batches``, the training batches the epoch in progress has consumed, which a resume reads
+    again and skips (0 at an epoch end; more than ``step_in_epoch`` under gradient accumulation).
+    """
+
+    batches: int
+
+    @classmethod
+    def epoch_end(cls, epochs_done: int, global_step: int) -> Position:
+        """The boundary after ``epochs_done`` whole epochs."""
+        return cls(epochs_done, 0, global_step, 0)
+
+    @property
+    def counters(self) -> Counters:
+        """What the manifest records of this position."""
+        return Counters(self.epoch, self.step_in_epoch, self.global_step)
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.batches == 0
+
+
+class TrainingState(Protocol):
+    """One framework's training, as the lifecycle sees it.
+
+    NOTE: in a distributed run every process has its own state and the lifecycle calls ``save``
+    and ``load`` on every process; the primary's ``directory`` is the one that gets committed,
+    the others get a scratch folder that is removed after the commit.
+    """
+
+    framework: str
+    framework_version: str
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps so far (the count ``save_freq=N`` is measured in)."""
+
+    def fingerprint(self) -> Mapping[str, str]:
+        """``{variable name: "dtype[shape]"}`` of model and optimizer (see :mod:`fingerprint`)."""
+
+    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
+        """Write the training state at ``position`` into the empty ``directory``."""
+
+    def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
+        """Restore the training state from a verified, compatible backup."""
