@@ -48,9 +48,10 @@ def compiled_metrics_built(model: keras.Model) -> bool:
     return metrics is None or bool(metrics.built)
 
 
-def train_function(model: keras.Model) -> Callable[[Any], Any]:
-    """The function ``fit`` calls once per ``steps_per_execution`` batches, with the epoch's iterator."""
-    return model.train_function
+def train_function(model: keras.Model) -> Callable[[Any], Any] | None:
+    """The function ``fit`` calls once per ``steps_per_execution`` batches, with the epoch's iterator
+    (None before the model's first ``fit``)."""
+    return getattr(model, "train_function", None)
 
 
 def set_train_function(model: keras.Model, function: Callable[[Any], Any]) -> None:

@@ -28,7 +28,6 @@ from keras_impl.preemption import FitWatch
 from keras_impl.state import KerasTrainingState
 from unified_backup.callback import BackupCallback
 from unified_backup.errors import UnsupportedEnvironmentError
-from unified_backup.preemption import TrainingPreempted
 
 
 class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
@@ -91,8 +90,9 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
             self._lifecycle.boundary(
                 self._resume.position(ended, self.params.get("steps")), epoch_end=epoch_end
             )
-        except TrainingPreempted:
-            self._end(success=False)  # the lifecycle has finished; the model must carry nothing of ours
+        except BaseException:
+            if not self._lifecycle.running:  # a preemption stop ended the fit: nothing of ours stays
+                self._end(success=False)
             raise
 
     def release(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from keras_impl import _private, pipeline, rng
+from keras_impl import _private, pipeline
 from keras_impl.state import KerasTrainingState
 from unified_backup.manifest import Manifest
 from unified_backup.state import Position
@@ -77,7 +77,7 @@ class Resume:
             self.epoch, self._resumed_start = manifest.epoch, start
         else:
             self._epoch_start = start
-        seeds = self.state.restored_tf_seed, rng.tf_global_seed()
+        seeds = self.state.restored_tf_seed, _private.tf_global_seed()
         log.log(*self.input.resume_message(manifest.epoch, skip, *seeds))
         if skip and iterator is None:
             _FirstSteps(self.model, lambda it: self._continue_epoch(manifest, skip, it))
@@ -136,7 +136,9 @@ class _FirstSteps:
 
     def __init__(self, model: keras.Model, prepare: Callable[[Any], int]) -> None:
         self.model = model
-        self.original = _private.train_function(model)
+        original = _private.train_function(model)
+        assert original is not None, "fit makes the train function before on_train_begin"
+        self.original = original
         self.prepare = prepare
         self.remaining = 0
         self.iterator: Any = None
@@ -163,6 +165,6 @@ class _FirstSteps:
     @staticmethod
     def remove(model: keras.Model) -> None:
         """Put the model's own train function back, if a stand-in is there."""
-        stand_in = getattr(model, "train_function", None)
+        stand_in = _private.train_function(model)
         if isinstance(stand_in, _FirstSteps):
             _private.set_train_function(model, stand_in.original)

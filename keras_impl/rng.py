@@ -63,7 +63,8 @@ def restore_host(arrays: Arrays) -> None:
 def capture_device() -> Arrays:
     """The global ``tf.random.Generator`` and Keras's global ``SeedGenerator`` (where they exist),
     and TensorFlow's global seed. Nothing is created: a generator never used is not saved."""
-    arrays: Arrays = {"tf_global_seed": _NO_SEED if (seed := tf_global_seed()) is None else np.array([seed])}
+    seed = _private.tf_global_seed()
+    arrays: Arrays = {"tf_global_seed": _NO_SEED if seed is None else np.array([seed])}
     generator = _private.tf_global_generator()
     if generator is not None:
         arrays["tf_generator/state"] = generator.state.numpy()
@@ -92,8 +93,3 @@ def restore_device(arrays: Arrays) -> None:
 def stored_tf_seed(arrays: Arrays) -> int | None:
     seed = arrays.get("tf_global_seed", _NO_SEED)
     return int(seed[0]) if seed.size else None
-
-
-def tf_global_seed() -> int | None:
-    """TensorFlow's global seed (``tf.random.set_seed``), or None when none is set."""
-    return _private.tf_global_seed()

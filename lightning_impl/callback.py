@@ -64,6 +64,7 @@ class BackupAndRestoreMixin(BackupCallback):
         restored = self.restored
         if restored is not None:
             self._state_of(trainer).train_start()
+        self._lifecycle.training_starts(trainer.global_step)  # loops restored now, also from fit(ckpt_path=)
         self._step_seen = trainer.global_step
         self._epoch_first_step = trainer.global_step - (restored.step_in_epoch if restored else 0)
         if self._watch is not None:

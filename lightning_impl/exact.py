@@ -152,7 +152,7 @@ class ExactResume:
 
         ``batches``: training batches the epoch in progress has consumed (0 at an epoch end, where
         the states now are those the next epoch's iterator is made from).
-        NOTE: a collective; every rank calls it inside the same ``save_checkpoint``.
+        NOTE: a collective; every rank calls it while building the same backup.
         """
         if batches:
             mine = {

@@ -4,13 +4,15 @@ A backup is one Lightning checkpoint, ``state.ckpt``: the dictionary Lightning i
 ``Trainer.save_checkpoint`` (model, optimizers, LR schedulers, loops, callbacks, datamodule),
 with our entry added under ``"unified_backup"`` (random-number states, data position and epoch
 aggregates from :mod:`lightning_impl.exact`, and whether training was stopping). Rank 0 writes it
-with ``torch.save`` straight into the staging folder the core hands over: no whole-state buffer,
-no temporary file elsewhere, and the core's manifest makes it visible atomically. It is read back
-with ``weights_only=True`` only, so loading never runs code stored in the file.
+with ``torch.save`` straight into the staging folder the core hands over (no whole-state buffer,
+no temporary file elsewhere; the core's manifest makes it visible atomically), or through the
+user's own ``CheckpointIO`` plugin if there is one. It is read back with ``weights_only=True``
+only, so loading never runs code stored in the file.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from collections.abc import Mapping
@@ -22,7 +24,12 @@ import torch
 from lightning_impl import _private
 from lightning_impl.exact import ExactResume
 from unified_backup.coordinator import Coordinator
-from unified_backup.errors import UnsafeBackupError, UnsupportedEnvironmentError
+from unified_backup.errors import (
+    BackupError,
+    BackupWriteError,
+    UnsafeBackupError,
+    UnsupportedEnvironmentError,
+)
 from unified_backup.fingerprint import describe
 from unified_backup.manifest import Manifest
 from unified_backup.state import Position
@@ -83,7 +90,8 @@ class LightningState:
         """Write the checkpoint of ``position``; the first of a ``fit`` is also checked to be safely loadable.
 
         NOTE: every rank builds the checkpoint (callbacks' states, a gather of every rank's RNG
-        states); only the primary writes the file, and tells the others whether the check failed.
+        states); only the primary writes the file, and it tells the others how that went, so that
+        every rank raises the same error or none does.
         """
         trainer = self.trainer
         checkpoint = _private.dump_checkpoint(trainer)
@@ -91,19 +99,26 @@ class LightningState:
             _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
         exact = self.exact.entry(trainer, coordinator.gather, position.batches)
         checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
-        path, problem = directory / FILENAME, None
+        path, outcome = directory / FILENAME, {}
         if coordinator.is_primary:
-            with open(path, "wb") as f:
-                torch.save(checkpoint, f)
-            problem = None if self._checked else _refused_by_safe_load(path)
+            try:
+                _write(trainer, checkpoint, path)
+                outcome = {"unsafe": None if self._checked else _refused_by_safe_load(path)}
+            except Exception as exc:  # the other ranks wait for the outcome: they must hear of it
+                outcome = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
         self._checked = True
-        problem = coordinator.broadcast(problem)
-        if problem:
+        outcome = coordinator.broadcast(outcome)
+        if "error" in outcome:
+            message = f"Writing {path} failed ({outcome['error']})"
+            if outcome["errno"] is not None:
+                raise BackupWriteError(outcome["errno"], message)
+            raise BackupError(f"{message}. Nothing was committed; the last backup is intact.")
+        if outcome["unsafe"]:
             raise UnsafeBackupError(
                 f"The backup just written to {path} could never be restored: torch.load(weights_only=True) "
-                f"refuses an object in it ({problem}), and unified-backup does not unpickle arbitrary "
-                "objects. Expected only tensors and plain Python values in the checkpoint: keep other "
-                "objects (paths, numpy values, custom classes) out of save_hyperparameters() and of "
+                f"refuses an object in it ({outcome['unsafe']}), and unified-backup does not unpickle "
+                "arbitrary objects. Expected only tensors and plain Python values in the checkpoint: keep "
+                "other objects (paths, numpy values, custom classes) out of save_hyperparameters() and of "
                 "callback state_dict()s, or convert them to plain types."
             )
 
@@ -136,6 +151,43 @@ class LightningState:
         """``on_train_start`` after a restore: hand back the user's ``ckpt_path``; position the data."""
         _private.set_ckpt_path(self.trainer, self._user_ckpt_path)
         self.exact.train_start(self.trainer)
+
+
+def _write(trainer: Any, checkpoint: dict[str, Any], path: Path) -> None:
+    """(primary) Write the checkpoint as Lightning's default ``TorchCheckpointIO`` would, minus its
+    whole-state buffer and its temporary file in ``$TMPDIR``; a user's ``CheckpointIO`` plugin
+    writes it itself (and reads it back: the load goes through the same plugin)."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if type(checkpoint_io).__name__ != "TorchCheckpointIO":
+        checkpoint_io.save_checkpoint(checkpoint, path)
+        return
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            torch.save(checkpoint, sink)  # type: ignore[arg-type]  # any object with write()
+        except RuntimeError as exc:  # torch reports a failed write (e.g. a full disk) as its own error
+            if sink.error is not None:
+                raise sink.error from exc
+            raise
+
+
+class _Sink(io.RawIOBase):
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write (torch replaces it)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__()
+        self._file = file
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _refused_by_safe_load(path: Path) -> str | None:

@@ -51,10 +51,11 @@ class BackupCallback:
     def release(self) -> None:
         """End the current ``fit``'s hold on ``backup_dir``: unlock it and remove the signal handlers.
 
-        The backup stays. Lightning calls this itself when ``fit`` raises; Keras calls no hook then,
-        so the folder stays locked by this process until its next ``fit`` with this callback (or any
-        ``BackupAndRestore`` on the folder in this thread) or until the process ends. Call it after
-        a Keras ``fit`` raised (e.g. Ctrl-C in a notebook) to let another process resume from it now.
+        The backup stays. In Lightning the callback does this by itself when ``fit`` raises
+        (``on_exception``); Keras calls no hook then, so the folder stays locked by this process
+        until its next ``fit`` with a ``BackupAndRestore`` on the folder in this thread, or until the
+        process ends. Call it after a Keras ``fit`` raised (e.g. Ctrl-C in a notebook) to let another
+        process resume from the backup now.
         """
         self._lifecycle.finish(success=False)
 

@@ -18,14 +18,15 @@ Every process makes every call; only the primary touches the commit record::
 
     open:      1. (primary) lock, read + verify        2. broadcast the choice or the error
     restore:   1. (primary) fingerprint check; promote the previous backup or remove leftovers
-               2. broadcast the outcome  3. (all) state.load  4. any(failed)  5. barrier
+               2. broadcast the outcome  3. (all) state.load  4. gather failures: all go on, or all raise
+               5. barrier
     boundary:  1. (all) any(preemption signal), when a watch is attached
                2. backup when due or preempted:
                   a. (primary) stage  b. broadcast the staging folder
-                  c. (all) state.save (others into scratch)  d. any(failed): all commit, or none
+                  c. (all) state.save (others into scratch)  d. gather failures: all commit, or none
                   e. (primary) commit: manifest written last, renamed  f. broadcast the outcome
                3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
-    finish:    1. barrier  2. (primary) delete the backup, when asked  3. (primary) unlock
+    finish:    when deleting: 1. barrier  2. (primary) delete the backup;  then (primary) unlock
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class _Fit:
     opened: Manifest | None = None
     refused: str | None = None  # why the newest backup was refused, when ``opened`` is the previous one
     watch: PreemptionWatch | None = None
-    last_backup_step: int | None = None  # of the last backup tried; due backups count from it
+    restored: bool = False  # restore() completed: the opened backup was checked and loaded
+    last_backup_step: int = 0  # of the last backup tried (or where training started); due ones count from it
     committed_step: int | None = None  # of the backup the slot holds for this fit
 
 
@@ -119,12 +121,10 @@ class Lifecycle:
                 fit.state.load(self.slot.payload_dir(manifest), manifest, fit.coordinator)
             except BaseException as exc:
                 failure = exc
-            if fit.coordinator.any(failure is not None):  # all restore, or all stop
+            problem = self._agree(fit, failure)  # all restore, or all stop
+            if problem is not None:
                 self._abandon()
-                raise failure or BackupError(
-                    f"Another process failed to restore the backup in {self.options.backup_dir}; "
-                    "its log names the cause. Nothing else was changed."
-                )
+                raise problem
             log.info(
                 "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
                 self.options.backup_dir,
@@ -133,15 +133,23 @@ class Lifecycle:
                 manifest.global_step,
             )
         fit.coordinator.barrier("unified_backup.start")
-        self.restored = manifest
+        self.restored, fit.restored = manifest, True
         fit.committed_step = manifest.global_step if manifest else None
-        fit.last_backup_step = manifest.global_step if manifest else fit.state.global_step
+        self.training_starts(manifest.global_step if manifest else fit.state.global_step)
         return manifest
 
     def start(self, state: TrainingState, coordinator: Coordinator | None = None) -> Manifest | None:
         """``open`` and ``restore`` at once, for adapters whose model exists when ``fit`` starts."""
         self.open(state, coordinator)
         return self.restore()
+
+    def training_starts(self, global_step: int) -> None:
+        """Count ``save_freq=N`` from ``global_step``; ``restore`` calls it with the restored (or live) step.
+
+        For a framework that restores its own counters after ``restore`` (Lightning, from a
+        ``fit(ckpt_path=...)``), call it again once they are restored.
+        """
+        self._running("training_starts").last_backup_step = global_step
 
     def watch(self, watch: PreemptionWatch) -> None:
         """Stop at the next boundary once the installed ``watch`` saw a signal; ``finish`` uninstalls it."""
@@ -158,12 +166,16 @@ class Lifecycle:
         """
         fit = self._running("boundary")
         preempted = preemption and fit.watch is not None and fit.watch.agreed(fit.coordinator)
-        step = position.global_step
         manifest = None
-        if self._due(fit, position, epoch_end) or (
-            preempted and step not in (fit.last_backup_step, fit.committed_step)
-        ):
-            manifest = self._backup(fit, position)
+        try:
+            if self._due(fit, position, epoch_end) or (
+                preempted and position.global_step != fit.committed_step
+            ):
+                manifest = self._backup(fit, position)
+        except BaseException:
+            if preempted:  # stopping anyway: leave nothing held
+                self.finish(success=False)
+            raise
         if preempted:
             self._stop(fit, position)
         return manifest
@@ -183,6 +195,13 @@ class Lifecycle:
                 )
         coordinator = fit.coordinator
         delete = success and self.options.delete_checkpoint
+        if delete and not fit.restored:  # e.g. an unbuilt Keras model with nothing left to train
+            log.warning(
+                "Kept the backup in %s: fit ended before it could be checked against the model and "
+                "restored, so it is not deleted.",
+                self.options.backup_dir,
+            )
+            delete = False
         try:
             if delete:
                 coordinator.barrier("unified_backup.finish")
@@ -226,12 +245,10 @@ class Lifecycle:
 
     # -- backing up ------------------------------------------------------------------------
     def _due(self, fit: _Fit, position: Position, epoch_end: bool) -> bool:
-        """Whether ``save_freq`` asks for a backup here (never twice of one step)."""
-        if position.global_step == fit.last_backup_step:
-            return False
+        """Whether ``save_freq`` asks for a backup here: at an epoch end, or N optimizer steps on."""
         if self.options.per_epoch:
             return epoch_end
-        return position.global_step - (fit.last_backup_step or 0) >= int(self.options.save_freq)
+        return position.global_step - fit.last_backup_step >= int(self.options.save_freq)
 
     def _backup(self, fit: _Fit, position: Position) -> Manifest | None:
         """Commit a backup of ``position`` that replaces the old one in one atomic step.
@@ -269,17 +286,16 @@ class Lifecycle:
         except BaseException as exc:
             failure = exc
             self.slot.discard(target)
-        if coordinator.any(failure is not None):  # all commit, or none does (replaces a barrier)
-            if coordinator.is_primary and failure is None:
-                self.slot.discard(staged)
-            if failure is not None and not isinstance(failure, OSError):
-                raise failure
+        problem = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
+        if problem is not None:
+            if failure is None:  # this process saved; another failed: its files go too
+                self.slot.discard(target)
+            if not isinstance(problem, OSError):
+                raise problem
             raise BackupWriteError(
-                getattr(failure, "errno", None) or errno.EIO,
-                f"Saving the training state into {target} failed "
-                f"({failure if failure is not None else 'on another process; its log names the cause'}); "
-                f"the last backup in {self.options.backup_dir} is still committed and intact. "
-                "Free space or fix permissions.",
+                problem.errno or errno.EIO,
+                f"Saving the training state into {target} failed ({problem}); the last backup in "
+                f"{self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
             ) from failure
         if not coordinator.is_primary:
             shutil.rmtree(target, ignore_errors=True)
@@ -332,20 +348,28 @@ class Lifecycle:
                 outcome = {"value": call()}
             except Exception as exc:  # every process must hear of it, or they would wait forever
                 failure = _as_backup_error(exc, f"{what} in {self.options.backup_dir} failed")
-                outcome = {"error": type(failure).__name__, "errno": getattr(failure, "errno", None)}
-                outcome["message"] = str(failure)
+                outcome = {"error": _report(failure)}
         outcome = coordinator.broadcast(outcome)
         if "error" not in outcome:
             return outcome["value"]
         if abandon:
             self._abandon()
-        if failure is not None:
-            raise failure
-        raise _rebuilt(outcome)
+        raise failure or _rebuilt(outcome["error"])
+
+    def _agree(self, fit: _Fit, failure: BaseException | None) -> BaseException | None:
+        """(all processes) None when no process failed; else what this process raises: its own
+        failure, or one of the class that the first failing process raised (so that all stop alike)."""
+        reports = fit.coordinator.gather(None if failure is None else _report(failure))
+        failed = [report for report in reports if report is not None]
+        if not failed:
+            return None
+        return failure if failure is not None else _rebuilt(failed[0])
 
     def _abandon(self) -> None:
-        """A ``fit`` that could not start: release the folder; nothing on disk changed."""
-        self._fit = None
+        """A ``fit`` that could not start: release the folder and the signals; nothing on disk changed."""
+        fit, self._fit = self._fit, None
+        if fit is not None and fit.watch is not None:
+            fit.watch.uninstall()
         self._lock.release()
 
     def _running(self, what: str) -> _Fit:
@@ -363,14 +387,26 @@ def _as_backup_error(exc: Exception, context: str) -> BackupError:
         return exc
     if isinstance(exc, OSError):
         return BackupWriteError(
-            exc.errno, f"{context}: {exc}. Check that backup_dir exists, is a folder, and is writable."
+            exc.errno, f"{context}: {exc}. Check that backup_dir is readable and writable."
         )
     return BackupError(f"{context}: {type(exc).__name__}: {exc}")
 
 
-def _rebuilt(outcome: dict[str, Any]) -> BackupError:
-    """On a non-primary process, the primary's error, of the same class."""
-    cls = getattr(errors, outcome["error"], BackupError)
+def _report(failure: BaseException) -> dict[str, Any]:
+    """What the other processes need to raise an error of the same class (JSON-like)."""
+    strerror = failure.strerror if isinstance(failure, OSError) else None
+    message = strerror or str(failure)
+    return {"class": type(failure).__name__, "errno": getattr(failure, "errno", None), "message": message}
+
+
+def _rebuilt(report: dict[str, Any]) -> BaseException:
+    """On another process, an error of the class the failing process raised (``OSError`` kept as such)."""
+    cls = getattr(errors, report["class"], None)
+    if cls is None:  # not one of ours: an OSError stays one, anything else becomes a BackupError
+        is_os = report["errno"] is not None
+        cls = OSError if is_os else BackupError
+        if not is_os:
+            return cls(f"{report['class']} on another process: {report['message']}")
     if issubclass(cls, OSError):
-        return cls(outcome["errno"], outcome["message"])
-    return cls(outcome["message"])
+        return cls(report["errno"], report["message"])
+    return cls(report["message"])

@@ -1,9 +1,12 @@
 import json
 import logging
+import os
+import signal
 
 import pytest
 
 from unified_backup import (
+    BackupError,
     BackupOptions,
     BackupWriteError,
     CorruptBackupError,
@@ -15,6 +18,7 @@ from unified_backup import (
     UnsupportedFormatError,
 )
 from unified_backup.lock import LOCK_NAME
+from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 
 from .conftest import FakeState, epoch_end
 
@@ -135,6 +139,102 @@ def test_boundaries_back_up_every_save_freq_steps_or_at_each_epoch_end_once(back
     lifecycle.start(state)
     assert not any(lifecycle.boundary(Position(2, step, 16 + step, step)) for step in range(1, 8))
     assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True).counters == Counters(3, 0, 24)
-    assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True) is None  # never one step twice
+    assert lifecycle.boundary(Position.epoch_end(3, 24)) is None  # the same step, but no epoch end
     assert lifecycle.stats.backups == 1
     lifecycle.finish(success=True)
+
+
+def test_a_failed_open_or_restore_releases_the_folder_and_the_signal_handlers(committed):
+    before = signal.getsignal(signal.SIGUSR1)
+    lifecycle, state = Lifecycle(BackupOptions(committed)), FakeState(shape="float32[8]")
+    assert lifecycle.open(state).epoch == 2
+    watch = PreemptionWatch([signal.SIGUSR1])
+    watch.install()
+    lifecycle.watch(watch)  # as Keras does before a restore deferred to the first step
+    with pytest.raises(IncompatibleBackupError):
+        lifecycle.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before and not (committed / LOCK_NAME).exists()
+    assert not lifecycle.running and Slot(committed).read_manifest().epoch == 2
+
+
+def test_a_backup_opened_but_never_restored_is_not_deleted_on_success(committed, caplog):
+    lifecycle = Lifecycle(BackupOptions(committed))
+    assert lifecycle.open(FakeState()).epoch == 2  # e.g. an unbuilt Keras model with nothing to train
+    with caplog.at_level(logging.WARNING):
+        lifecycle.finish(success=True)
+    assert "Kept the backup" in caplog.text and Slot(committed).read_manifest().epoch == 2
+    assert not (committed / LOCK_NAME).exists()
+
+
+def test_a_failed_backup_at_a_preemption_stop_still_releases_everything(committed):
+    before = signal.getsignal(signal.SIGUSR1)
+    lifecycle, state = Lifecycle(BackupOptions(committed, save_before_preemption=["SIGUSR1"])), FakeState()
+    lifecycle.start(state)
+    watch = PreemptionWatch([signal.SIGUSR1])
+    watch.install()
+    lifecycle.watch(watch)
+    state.failure = OSError(28, "No space left on device")
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(BackupWriteError, match="still committed and intact"):
+        lifecycle.boundary(Position(2, 3, 19, 3))
+    assert signal.getsignal(signal.SIGUSR1) == before and not (committed / LOCK_NAME).exists()
+    assert not lifecycle.running and Slot(committed).read_manifest().epoch == 2
+
+
+def test_with_warn_a_failed_backup_is_tried_again_when_a_signal_stops_at_that_step(committed, caplog):
+    options = BackupOptions(committed, save_freq=3, on_write_error="warn", save_before_preemption=["SIGUSR1"])
+    lifecycle, state = Lifecycle(options), FakeState()
+    lifecycle.start(state)
+    watch = PreemptionWatch([signal.SIGUSR1])
+    watch.install()
+    lifecycle.watch(watch)
+    state.failure = OSError(28, "No space left on device")
+    assert lifecycle.boundary(Position(2, 3, 19, 3)) is None  # due, failed, training goes on
+    state.failure = None
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(TrainingPreempted, match="backed up global step 19 "):
+        lifecycle.boundary(Position(2, 3, 19, 3))
+    assert Slot(committed).read_manifest().global_step == 19
+
+
+class Rank1:
+    """The collectives as the second process of a two-process training sees them, scripted."""
+
+    is_primary = False
+    rank = 0 + 1
+
+    def __init__(self, broadcasts: list, gathers: list) -> None:
+        self.broadcasts, self.gathers = broadcasts, gathers
+
+    def barrier(self, name):
+        return None
+
+    def broadcast(self, value):
+        return self.broadcasts.pop(0)
+
+    def any(self, flag):
+        return flag
+
+    def gather(self, value):
+        return [self.gathers.pop(0), value]
+
+
+def test_another_process_raises_the_class_of_the_primarys_error(committed):
+    refused = {"class": "IncompatibleBackupError", "errno": None, "message": "model/w differs"}
+    rank1 = Rank1(broadcasts=[{"error": refused}], gathers=[])
+    with pytest.raises(IncompatibleBackupError, match="model/w differs"):
+        Lifecycle(BackupOptions(committed)).open(FakeState(), rank1)
+    full = {"class": "OSError", "errno": 28, "message": "No space left on device"}
+    chosen = {"manifest": None, "refused": None}
+    rank1 = Rank1(
+        broadcasts=[{"value": chosen}, {"value": None}, {"value": str(committed / "x")}], gathers=[full]
+    )
+    lifecycle = Lifecycle(BackupOptions(committed, on_write_error="warn"))
+    lifecycle.start(FakeState(), rank1)
+    assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True) is None  # skipped, as on rank 0
+    assert not (committed / "x.worker-1").exists()  # its scratch files are removed
+    broken = {"class": "RuntimeError", "errno": None, "message": "pickling failed"}
+    rank1.broadcasts.append({"value": str(committed / "y")})
+    rank1.gathers.append(broken)
+    with pytest.raises(BackupError, match="RuntimeError on another process: pickling failed"):
+        lifecycle.boundary(Position.epoch_end(4, 32), epoch_end=True)  # not a write error: no rank goes on

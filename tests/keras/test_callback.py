@@ -140,8 +140,8 @@ def test_unbuilt_model_resumes_inside_an_epoch(tmp_path):
 def test_unbuilt_model_falls_back_to_the_previous_backup_before_fit_picks_its_first_epoch(
     tmp_path, monkeypatch
 ):
-    """Where the input's structure is unknown, fit's first epoch is set from a peek at the backup and
-    the model restored at its first step: the peek must already pick the previous backup."""
+    """Where the input's structure is unknown, fit's first epoch is set from the opened backup and the
+    model restored at its first step: opening must already pick the previous backup."""
     monkeypatch.setattr(pipeline, "inspect_fit_input", lambda: pipeline.UNKNOWN)
     control = unbuilt_model()
     fit(control, [])

@@ -182,6 +182,7 @@ def fit(
     backup: Any = None,
     save_freq: str | int = "epoch",
     exc: type[BaseException] = RuntimeError,
+    ckpt_path: Path | None = None,
     **trainer_kwargs: Any,
 ) -> Fit:
     """One ``fit`` with a new Trainer, as a restarted job would run it; errors are returned, not raised."""
@@ -206,7 +207,7 @@ def fit(
     )
     error = None
     try:
-        trainer.fit(model)
+        trainer.fit(model, ckpt_path=ckpt_path)
     except Exception as exc:
         error = exc
     return Fit(trainer, backup, error)

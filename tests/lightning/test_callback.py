@@ -295,6 +295,15 @@ def test_backup_supersedes_a_ckpt_path_passed_to_fit(tmp_path, caplog):
     assert trainer.ckpt_path == tmp_path / "stale.ckpt"  # as Lightning leaves it after fit(ckpt_path=...)
 
 
+def test_step_backups_count_from_the_step_a_ckpt_path_passed_to_fit_resumes_at(tmp_path):
+    first = fit(new_model(), None, epochs=1)
+    first.trainer.save_checkpoint(tmp_path / "user.ckpt", weights_only=False)  # at global step 8
+    backup = BackupAndRestore(tmp_path / "b", save_freq=5, delete_checkpoint=False)
+    result = fit(new_model(), None, epochs=2, backup=backup, ckpt_path=tmp_path / "user.ckpt")
+    assert result.error is None and result.trainer.global_step == 16 and backup.stats.backups == 1
+    assert Slot(tmp_path / "b").read_manifest().global_step == 13  # 8 + 5, not 5 or 10
+
+
 def test_delete_checkpoint_false_keeps_the_final_backup_and_resumes_to_the_end(tmp_path):
     model = new_model()
     backup = BackupAndRestore(tmp_path / "b", delete_checkpoint=False)
