@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from unified_backup.errors import UnsupportedEnvironmentError
+
 T = TypeVar("T")
 
 
@@ -38,8 +40,14 @@ class LightningCoordinator:
 
     def gather(self, value: T) -> list[T]:
         world = int(self._trainer.world_size)
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            out: list[Any] = [None] * world
-            torch.distributed.all_gather_object(out, value)
-            return out
-        return [value]
+        if world == 1:
+            return [value]
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise UnsupportedEnvironmentError(
+                f"BackupAndRestore needs torch.distributed to coordinate the {world} processes of this "
+                f"training, but no process group is initialised ({type(self._trainer.strategy).__name__}). "
+                "Expected a DDP strategy; use one, or train in one process."
+            )
+        out: list[Any] = [None] * world
+        torch.distributed.all_gather_object(out, value)
+        return out

@@ -5,9 +5,10 @@ A backup is one Lightning checkpoint, ``state.ckpt``: the dictionary Lightning i
 with our entry added under ``"unified_backup"`` (random-number states, data position and epoch
 aggregates from :mod:`lightning_impl.exact`, and whether training was stopping). Rank 0 writes it
 with ``torch.save`` straight into the staging folder the core hands over (no whole-state buffer,
-no temporary file elsewhere; the core's manifest makes it visible atomically), or through the
-user's own ``CheckpointIO`` plugin if there is one. It is read back with ``weights_only=True``
-only, so loading never runs code stored in the file.
+no temporary file elsewhere; the core's manifest makes it visible atomically). It is read back
+through the trainer's ``CheckpointIO`` with ``weights_only=True``, so loading never runs code
+stored in the file; a plugin must read files written by ``torch.save`` (Lightning's default and
+``AsyncCheckpointIO`` do).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from lightning_impl.exact import ExactResume
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import (
     BackupError,
-    BackupWriteError,
     UnsafeBackupError,
     UnsupportedEnvironmentError,
 )
@@ -99,20 +99,22 @@ class LightningState:
             _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
         exact = self.exact.entry(trainer, coordinator.gather, position.batches)
         checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
-        path, outcome = directory / FILENAME, {}
+        outcome: dict[str, Any] = {"path": str(directory / FILENAME)}
         if coordinator.is_primary:
             try:
-                _write(trainer, checkpoint, path)
-                outcome = {"unsafe": None if self._checked else _refused_by_safe_load(path)}
+                _write(checkpoint, directory / FILENAME)
+                outcome["unsafe"] = None if self._checked else _refused_by_safe_load(directory / FILENAME)
             except Exception as exc:  # the other ranks wait for the outcome: they must hear of it
-                outcome = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
+                strerror = exc.strerror if isinstance(exc, OSError) else None
+                outcome["errno"] = getattr(exc, "errno", None)
+                outcome["error"] = strerror or f"{type(exc).__name__}: {exc}"
         self._checked = True
         outcome = coordinator.broadcast(outcome)
+        path = outcome["path"]  # the primary's file
         if "error" in outcome:
-            message = f"Writing {path} failed ({outcome['error']})"
             if outcome["errno"] is not None:
-                raise BackupWriteError(outcome["errno"], message)
-            raise BackupError(f"{message}. Nothing was committed; the last backup is intact.")
+                raise OSError(outcome["errno"], f"{outcome['error']}: {path}")
+            raise BackupError(f"Writing {path} failed ({outcome['error']}).")
         if outcome["unsafe"]:
             raise UnsafeBackupError(
                 f"The backup just written to {path} could never be restored: torch.load(weights_only=True) "
@@ -153,14 +155,11 @@ class LightningState:
         self.exact.train_start(self.trainer)
 
 
-def _write(trainer: Any, checkpoint: dict[str, Any], path: Path) -> None:
-    """(primary) Write the checkpoint as Lightning's default ``TorchCheckpointIO`` would, minus its
-    whole-state buffer and its temporary file in ``$TMPDIR``; a user's ``CheckpointIO`` plugin
-    writes it itself (and reads it back: the load goes through the same plugin)."""
-    checkpoint_io = trainer.strategy.checkpoint_io
-    if type(checkpoint_io).__name__ != "TorchCheckpointIO":
-        checkpoint_io.save_checkpoint(checkpoint, path)
-        return
+def _write(checkpoint: dict[str, Any], path: Path) -> None:
+    """(primary) Write the checkpoint as Lightning's default ``TorchCheckpointIO`` does, minus its
+    whole-state buffer and its temporary file in ``$TMPDIR``. Always ``torch.save``, whatever
+    ``CheckpointIO`` plugin the trainer has: a plugin may write later (``AsyncCheckpointIO``) or
+    elsewhere, and the core checksums the file as soon as this returns."""
     with open(path, "wb") as f:
         sink = _Sink(f)
         try:

@@ -26,6 +26,7 @@ Every process makes every call; only the primary touches the commit record::
                   c. (all) state.save (others into scratch)  d. gather failures: all commit, or none
                   e. (primary) commit: manifest written last, renamed  f. broadcast the outcome
                3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
+                  (a backup that fails then ends the fit too: nothing stays locked or installed)
     finish:    when deleting: 1. barrier  2. (primary) delete the backup;  then (primary) unlock
 """
 
@@ -121,10 +122,10 @@ class Lifecycle:
                 fit.state.load(self.slot.payload_dir(manifest), manifest, fit.coordinator)
             except BaseException as exc:
                 failure = exc
-            problem = self._agree(fit, failure)  # all restore, or all stop
-            if problem is not None:
+            report = self._agree(fit, failure)  # all restore, or all stop alike
+            if report is not None:
                 self._abandon()
-                raise problem
+                raise _raised(report, failure, fit.coordinator.rank) from failure
             log.info(
                 "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
                 self.options.backup_dir,
@@ -165,6 +166,8 @@ class Lifecycle:
         reported by ``finish``. Returns the manifest committed here, or None.
         """
         fit = self._running("boundary")
+        if not fit.restored:  # opened only, e.g. an unbuilt Keras model that never took a step
+            return None
         preempted = preemption and fit.watch is not None and fit.watch.agreed(fit.coordinator)
         manifest = None
         try:
@@ -285,27 +288,29 @@ class Lifecycle:
             fit.state.save(target, position, coordinator)
         except BaseException as exc:
             failure = exc
-            self.slot.discard(target)
-        problem = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
-        if problem is not None:
-            if failure is None:  # this process saved; another failed: its files go too
-                self.slot.discard(target)
-            if not isinstance(problem, OSError):
-                raise problem
-            raise BackupWriteError(
-                problem.errno or errno.EIO,
-                f"Saving the training state into {target} failed ({problem}); the last backup in "
-                f"{self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
-            ) from failure
-        if not coordinator.is_primary:
+        report = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
+        if coordinator.is_primary and report is not None:
+            self.slot.discard(staged)
+        elif not coordinator.is_primary:  # scratch: never committed
             shutil.rmtree(target, ignore_errors=True)
+        if report is None:
+            return Manifest.from_json(
+                self._on_primary("Committing the backup", lambda: self._commit(fit, staged, position))
+            )
+        if not report["os"]:  # not a write error: every process stops, whatever on_write_error says
+            raise _raised(report, failure, coordinator.rank) from failure
+        where = "" if isinstance(coordinator, SingleProcess) else f"process {report['rank']}: "
+        raise BackupWriteError(
+            report["errno"] or errno.EIO,
+            f"Saving the training state into {staged} failed ({where}{report['message']}); the last backup "
+            f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
+        ) from failure
 
-        def commit() -> str:
-            state = fit.state
-            header = Header(state.framework, state.framework_version, position.counters, state.fingerprint())
-            return self.slot.commit(staged, header).to_json()
-
-        return Manifest.from_json(self._on_primary("Committing the backup", commit))
+    def _commit(self, fit: _Fit, staged: Path, position: Position) -> str:
+        """(primary) Commit the staged payload; the manifest's JSON."""
+        state = fit.state
+        header = Header(state.framework, state.framework_version, position.counters, state.fingerprint())
+        return self.slot.commit(staged, header).to_json()
 
     def _stage(self) -> str:
         try:
@@ -348,22 +353,20 @@ class Lifecycle:
                 outcome = {"value": call()}
             except Exception as exc:  # every process must hear of it, or they would wait forever
                 failure = _as_backup_error(exc, f"{what} in {self.options.backup_dir} failed")
-                outcome = {"error": _report(failure)}
+                outcome = {"error": _report(failure, coordinator.rank)}
         outcome = coordinator.broadcast(outcome)
         if "error" not in outcome:
             return outcome["value"]
         if abandon:
             self._abandon()
-        raise failure or _rebuilt(outcome["error"])
+        raise _raised(outcome["error"], failure, coordinator.rank)
 
-    def _agree(self, fit: _Fit, failure: BaseException | None) -> BaseException | None:
-        """(all processes) None when no process failed; else what this process raises: its own
-        failure, or one of the class that the first failing process raised (so that all stop alike)."""
-        reports = fit.coordinator.gather(None if failure is None else _report(failure))
-        failed = [report for report in reports if report is not None]
-        if not failed:
-            return None
-        return failure if failure is not None else _rebuilt(failed[0])
+    def _agree(self, fit: _Fit, failure: BaseException | None) -> dict[str, Any] | None:
+        """(all processes) The report of the first process that failed, the same on every process;
+        None when none failed. Every process then raises alike (see :func:`_raised`)."""
+        rank = fit.coordinator.rank
+        reports = fit.coordinator.gather(None if failure is None else _report(failure, rank))
+        return next((report for report in reports if report is not None), None)
 
     def _abandon(self) -> None:
         """A ``fit`` that could not start: release the folder and the signals; nothing on disk changed."""
@@ -392,21 +395,28 @@ def _as_backup_error(exc: Exception, context: str) -> BackupError:
     return BackupError(f"{context}: {type(exc).__name__}: {exc}")
 
 
-def _report(failure: BaseException) -> dict[str, Any]:
-    """What the other processes need to raise an error of the same class (JSON-like)."""
+def _report(failure: BaseException, rank: int) -> dict[str, Any]:
+    """What the other processes need to raise an error of the same kind (JSON-like)."""
     strerror = failure.strerror if isinstance(failure, OSError) else None
-    message = strerror or str(failure)
-    return {"class": type(failure).__name__, "errno": getattr(failure, "errno", None), "message": message}
+    return {
+        "class": type(failure).__name__,
+        "os": isinstance(failure, OSError),
+        "errno": getattr(failure, "errno", None),
+        "message": strerror or str(failure),
+        "rank": rank,
+    }
 
 
-def _rebuilt(report: dict[str, Any]) -> BaseException:
-    """On another process, an error of the class the failing process raised (``OSError`` kept as such)."""
+def _raised(report: dict[str, Any], failure: BaseException | None, rank: int) -> BaseException:
+    """What this process raises for ``report``: its own ``failure`` when it is the one reported, else an
+    error of the reported class (a write error stays one, anything else is a ``BackupError``)."""
+    if failure is not None and report["rank"] == rank:
+        return failure
     cls = getattr(errors, report["class"], None)
-    if cls is None:  # not one of ours: an OSError stays one, anything else becomes a BackupError
-        is_os = report["errno"] is not None
-        cls = OSError if is_os else BackupError
-        if not is_os:
-            return cls(f"{report['class']} on another process: {report['message']}")
-    if issubclass(cls, OSError):
+    if cls is not None and issubclass(cls, OSError):
         return cls(report["errno"], report["message"])
-    return cls(report["message"])
+    if cls is not None:
+        return cls(report["message"])
+    if report["os"]:
+        return OSError(report["errno"], report["message"])
+    return BackupError(f"{report['class']} on process {report['rank']}: {report['message']}")

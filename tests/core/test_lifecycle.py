@@ -160,6 +160,7 @@ def test_a_failed_open_or_restore_releases_the_folder_and_the_signal_handlers(co
 def test_a_backup_opened_but_never_restored_is_not_deleted_on_success(committed, caplog):
     lifecycle = Lifecycle(BackupOptions(committed))
     assert lifecycle.open(FakeState()).epoch == 2  # e.g. an unbuilt Keras model with nothing to train
+    assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True) is None  # it never trained
     with caplog.at_level(logging.WARNING):
         lifecycle.finish(success=True)
     assert "Kept the backup" in caplog.text and Slot(committed).read_manifest().epoch == 2
@@ -219,13 +220,23 @@ class Rank1:
         return [self.gathers.pop(0), value]
 
 
+def report(cls: str, message: str, errno: int | None = None, os_error: bool = False, rank: int = 0) -> dict:
+    """What a failing process tells the others (``Coordinator.gather`` / ``broadcast``)."""
+    return {
+        "class": cls,
+        "os": os_error or errno is not None,
+        "errno": errno,
+        "message": message,
+        "rank": rank,
+    }
+
+
 def test_another_process_raises_the_class_of_the_primarys_error(committed):
-    refused = {"class": "IncompatibleBackupError", "errno": None, "message": "model/w differs"}
-    rank1 = Rank1(broadcasts=[{"error": refused}], gathers=[])
+    rank1 = Rank1(broadcasts=[{"error": report("IncompatibleBackupError", "model/w differs")}], gathers=[])
     with pytest.raises(IncompatibleBackupError, match="model/w differs"):
         Lifecycle(BackupOptions(committed)).open(FakeState(), rank1)
-    full = {"class": "OSError", "errno": 28, "message": "No space left on device"}
     chosen = {"manifest": None, "refused": None}
+    full = report("OSError", "No space left on device", errno=28)
     rank1 = Rank1(
         broadcasts=[{"value": chosen}, {"value": None}, {"value": str(committed / "x")}], gathers=[full]
     )
@@ -233,8 +244,19 @@ def test_another_process_raises_the_class_of_the_primarys_error(committed):
     lifecycle.start(FakeState(), rank1)
     assert lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True) is None  # skipped, as on rank 0
     assert not (committed / "x.worker-1").exists()  # its scratch files are removed
-    broken = {"class": "RuntimeError", "errno": None, "message": "pickling failed"}
+    no_errno = report("Error", "copy failed", os_error=True)  # e.g. shutil.Error: an OSError without errno
     rank1.broadcasts.append({"value": str(committed / "y")})
-    rank1.gathers.append(broken)
-    with pytest.raises(BackupError, match="RuntimeError on another process: pickling failed"):
-        lifecycle.boundary(Position.epoch_end(4, 32), epoch_end=True)  # not a write error: no rank goes on
+    rank1.gathers.append(no_errno)
+    assert lifecycle.boundary(Position.epoch_end(4, 32), epoch_end=True) is None  # a write error all the same
+    rank1.broadcasts.append({"value": str(committed / "z")})
+    rank1.gathers.append(report("RuntimeError", "pickling failed"))
+    with pytest.raises(BackupError, match="RuntimeError on process 0: pickling failed"):
+        lifecycle.boundary(Position.epoch_end(5, 40), epoch_end=True)  # not a write error: no rank goes on
+
+
+def test_every_epoch_end_backs_up_even_when_no_optimizer_step_was_taken(backup_dir):
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir)), FakeState()
+    lifecycle.start(state)
+    assert lifecycle.boundary(Position.epoch_end(1, 0), epoch_end=True).counters == Counters(1, 0, 0)
+    assert lifecycle.boundary(Position.epoch_end(2, 0), epoch_end=True).counters == Counters(2, 0, 0)
+    lifecycle.finish(success=False)
