@@ -7,11 +7,11 @@ preemption signals, the state's size, the second slot).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from unified_backup.demo import WORKERS, Worker
+from unified_backup.demo import worker_argv as demo_argv
 
 __all__ = ["WORKERS", "Worker", "worker_argv"]
 
@@ -29,16 +29,14 @@ def worker_argv(
     hidden: int | None = None,
     keep_previous: bool = False,
 ) -> list[str]:
-    """argv of a framework's demo worker (``python -m <adapter>.demo``), the same flags for both.
+    """The demo's worker argv (``python -m <adapter>.demo``) with the tests' flags, the same for both.
 
     ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
     ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);
     ``keep_previous`` passes ``keep_previous=True``.
     """
-    argv = [
-        sys.executable, "-m", WORKERS[framework][0], "--backup-dir", str(backup_dir), "--out", str(out),
-        "--epochs", str(epochs), "--batch-sleep", str(batch_sleep), "--save-freq", str(save_freq),
-    ]  # fmt: skip
+    argv = demo_argv(framework, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep)
+    argv += ["--save-freq", str(save_freq)]
     if exact:
         argv += ["--shuffle", "--dropout", "0.2"]
     if preemption:
