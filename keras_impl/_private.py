@@ -1,10 +1,10 @@
-"""Every access to Keras and TensorFlow internals, one small function each, with why it is needed.
+"""Every access to Keras, tf_keras and TensorFlow internals, one small function each, with why.
 
-Keras 3 gives a callback no public way to say where ``fit`` starts, to restore before the model is
-built, to skip batches, or to see the input it trains on; TensorFlow has no public reader for its
-global seed or its global generator that leaves them untouched. ``tests/keras/test_private_api.py``
-fails with a message starting "CHANGED" when a release moves any of these.
-Verified against keras 3.15 and tensorflow 2.21.
+Keras (3 and tf_keras) gives a callback no public way to say where ``fit`` starts, to restore before
+the model is built, to skip batches, or to see the input it trains on; TensorFlow has no public
+reader for its global seed or its global generator that leaves them untouched.
+``tests/keras/test_private_api.py`` fails with a message starting "CHANGED" when a release moves
+any of these. Verified against keras 3.15, tf_keras 2.21 and tensorflow 2.21.
 """
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ def fit_is_running(code: CodeType, callback: Any) -> bool:
     return any(frame.f_code is code for frame in fit_frames(callback, sys._getframe(1)))
 
 
-def fit_epoch_iterator(max_depth: int = 12) -> Any:
-    """The ``epoch_iterator`` local of the running ``fit`` (a ``keras.src`` ``EpochIterator``), or None.
+def fit_local(name: str, has: str, max_depth: int = 16) -> tuple[Any, dict[str, Any]]:
+    """The local ``name`` of the running ``fit`` (an object with attribute ``has``) and all of that
+    frame's locals; (None, {}) when not found.
 
     Call it from a callback hook of that ``fit``: Keras gives callbacks no handle on the data.
     """
@@ -133,11 +134,17 @@ def fit_epoch_iterator(max_depth: int = 12) -> Any:
     for _ in range(max_depth):
         if frame is None:
             break
-        candidate = frame.f_locals.get("epoch_iterator") if frame.f_code.co_name == "fit" else None
-        if candidate is not None and hasattr(candidate, "data_adapter"):
-            return candidate
+        local = frame.f_locals if frame.f_code.co_name == "fit" else {}
+        candidate = local.get(name)
+        if candidate is not None and hasattr(candidate, has):
+            return candidate, dict(local)
         frame = frame.f_back
-    return None
+    return None, {}
+
+
+def fit_epoch_iterator(max_depth: int = 16) -> Any:
+    """Keras 3: the ``epoch_iterator`` local of the running ``fit`` (an ``EpochIterator``), or None."""
+    return fit_local("epoch_iterator", "data_adapter", max_depth)[0]
 
 
 def element_spec(epoch_iterator: Any) -> Any:
@@ -167,3 +174,138 @@ def dataset_inputs(node: Any) -> list[Any] | None:
 def reshuffles_each_iteration(node: Any) -> bool:
     """Whether a dataset node reshuffles in every iteration (a seed generator it cannot save)."""
     return bool(getattr(node, "_reshuffle_each_iteration", False)) or type(node).__name__ == "_RandomDataset"
+
+
+# -- tf_keras ----------------------------------------------------------------------------------------
+
+
+class TfKerasHooks:
+    """What tf_keras's ``CallbackList`` asks of every callback besides the ``on_*`` hooks.
+
+    tf_keras calls these on each callback (Keras 3's ``Callback`` has none of them): the batch
+    hooks are called for this callback, and it wants its logs as numpy values.
+    """
+
+    _supports_tf_logs = False
+    _chief_worker_only = False
+
+    def _implements_train_batch_hooks(self) -> bool:
+        return True
+
+    def _implements_test_batch_hooks(self) -> bool:
+        return False
+
+    def _implements_predict_batch_hooks(self) -> bool:
+        return False
+
+
+class _StartAt:
+    """Stands in for tf_keras's ``WorkerTrainingState`` as ``model._training_state``: the one method
+    ``fit`` calls on it, right after ``on_train_begin``, says where training starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch: Any, initial_epoch: int, mode: Any = None) -> tuple[int, int]:
+        return self.epoch, 0  # step 0: the skipped batches are read by the train-function stand-in
+
+
+def tf_keras_training_state(model: Any) -> Any:
+    """What ``model._training_state`` holds (tf_keras's own BackupAndRestore sets it; None otherwise)."""
+    return getattr(model, "_training_state", None)
+
+
+def set_tf_keras_initial_epoch(model: Any, epoch: int | None) -> None:
+    """Make the running tf_keras ``fit`` start at ``epoch`` (None: forget it).
+
+    ``fit`` asks ``self._training_state`` for its first epoch and step right after
+    ``on_train_begin``. The attribute must go back to None, never be deleted: a later ``fit``
+    reads it (tf_keras's own callback deletes it, and breaks that ``fit``).
+    """
+    model._training_state = None if epoch is None else _StartAt(epoch)
+
+
+def tf_keras_started_here(model: Any) -> bool:
+    """Whether ``model._training_state`` is ours (or empty), not tf_keras's own callback's."""
+    state = tf_keras_training_state(model)
+    return state is None or isinstance(state, _StartAt)
+
+
+def fit_data_handler(max_depth: int = 16) -> tuple[Any, dict[str, Any]]:
+    """tf_keras: the ``data_handler`` local of the running ``fit`` (a ``DataHandler``) and ``fit``'s
+    locals (its arguments: ``workers``, ``use_multiprocessing``, ...)."""
+    return fit_local("data_handler", "_adapter", max_depth)
+
+
+def handler_adapter(handler: Any) -> Any:
+    """The data adapter a tf_keras ``DataHandler`` reads through."""
+    return handler._adapter
+
+
+def handler_first_epoch(handler: Any) -> int:
+    """The epoch ``fit`` was asked to start at (its ``initial_epoch``): the handler's dataset repeats
+    for the epochs from there. Read it in ``on_train_begin``, before ``fit`` overrides it."""
+    return int(handler._initial_epoch)
+
+
+def handler_element_spec(handler: Any) -> Any:
+    """The structure of one batch the handler's dataset yields."""
+    return getattr(getattr(handler, "_dataset", None), "element_spec", None)
+
+
+def tensor_like_shuffle(adapter: Any) -> Any:
+    """The ``shuffle`` argument a ``TensorLikeDataAdapter`` was made with (False, True or "batch")."""
+    return adapter._shuffle
+
+
+def sequence_of(adapter: Any) -> tuple[Any, bool]:
+    """The ``keras.utils.Sequence`` a ``KerasSequenceAdapter`` reads, and whether it shuffles its order."""
+    return adapter._keras_sequence, bool(adapter._shuffle_sequence)
+
+
+def tf_keras_dataset(adapter: Any) -> Any:
+    """The ``tf.data.Dataset`` a tf_keras ``DatasetAdapter`` reads."""
+    return adapter._dataset
+
+
+def layer_generators(model: Any) -> list[tuple[str, str, Any]]:
+    """(layer name, rng type, ``tf.random.Generator`` or None) of each tf_keras layer that draws
+    random numbers (Dropout, noise, random augmentation).
+
+    tf_keras keeps a layer's generator out of ``layer.weights`` and out of checkpoints; its state
+    must be saved by hand. With the default "legacy_stateful" type the state lives inside the
+    TensorFlow op kernels, where nothing can read it.
+    """
+    found = []
+    for layer in model._flatten_layers(include_self=False):
+        generator = getattr(layer, "_random_generator", None)
+        if generator is not None and hasattr(generator, "_rng_type"):
+            generator._maybe_init()
+            found.append((layer.name, generator._rng_type, getattr(generator, "_generator", None)))
+    return found
+
+
+def build_legacy_optimizer(optimizer: Any, variables: list[Any]) -> None:
+    """Create a tf_keras legacy optimizer's slots (they appear in its first step otherwise)."""
+    optimizer._create_all_weights(variables)
+
+
+def tf_keras_compiled_metrics_built(model: Any) -> bool:
+    """Whether tf_keras's compiled loss and metrics containers made their metrics (in the first step)."""
+    containers = (getattr(model, "compiled_loss", None), getattr(model, "compiled_metrics", None))
+    return all(c is None or c.built for c in containers)
+
+
+def build_tf_keras_compiled_metrics(model: Any, element_spec: Any) -> None:
+    """Make tf_keras's compiled loss and metrics from one batch's structure, as the first step would,
+    so that a resumed epoch's metric sums can be put back before it."""
+    x, y = element_spec[0], element_spec[1]
+    outputs = getattr(model, "outputs", None)  # a Functional or Sequential model's symbolic outputs
+    if outputs:
+        y_pred = outputs[0] if len(outputs) == 1 else list(outputs)
+    else:
+        y_pred = model.compute_output_signature(x)
+    if model.compiled_loss is not None and not model.compiled_loss.built:
+        model.compiled_loss.build(y_pred)
+    if model.compiled_metrics is not None and not model.compiled_metrics.built:
+        model.compiled_metrics.build(y_pred, y)

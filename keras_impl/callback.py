@@ -1,4 +1,6 @@
-"""``BackupAndRestore`` for Keras 3 on TensorFlow: Keras's callback hooks translated into lifecycle calls.
+"""``BackupAndRestore`` for Keras 3 on TensorFlow and for tf_keras: the hooks translated into lifecycle calls.
+
+One class serves both Keras flavours; the model ``fit`` trains tells which (see :mod:`keras_impl.flavour`).
 
 Hook -> lifecycle::
 
@@ -6,7 +8,8 @@ Hook -> lifecycle::
                         can build the model (see resume.py); install the preemption watch
     on_epoch_begin      note where the epoch begins (optimizer steps, batches, host RNG states)
     on_train_batch_end  boundary(step): a backup every save_freq=N optimizer steps; a preemption stop
-    on_epoch_end        boundary(epoch end): the backup of save_freq="epoch"; a preemption stop
+    on_epoch_end        boundary(epoch end): the backup of save_freq="epoch"; a preemption stop;
+                        note the host RNG states the next epoch's input will draw from
     on_train_end        boundary: a signal that came after the last epoch's still stops (exit code
                         143); else finish(success=True): delete the backup (if asked), unlock
 
@@ -23,14 +26,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_impl import pipeline, resume
+from keras_impl import _private, flavour, resume
 from keras_impl.preemption import FitWatch
 from keras_impl.state import KerasTrainingState
 from unified_backup.callback import BackupCallback
 from unified_backup.errors import UnsupportedEnvironmentError
 
 
-class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
+class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Callback):
     __doc__ = BackupCallback.__doc__
 
     _resume: resume.Resume | None = None  # of the running fit
@@ -41,7 +44,7 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
             raise UnsupportedEnvironmentError(
                 "BackupAndRestore needs TensorFlow's eager execution, but it is disabled (found "
                 "tf.compat.v1.disable_eager_execution() or graph mode). Keras 3 trains eagerly: remove "
-                "the call that disables eager execution."
+                "the call that disables eager execution (tf_keras: tf.compat.v1.enable_eager_execution())."
             )
 
     __init__.__signature__ = BackupCallback.__init__.__signature__  # type: ignore[attr-defined]
@@ -51,8 +54,9 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
         resume.clear(self.model)  # left by a fit that raised
-        state = KerasTrainingState(self.model)
-        self._resume = fit = resume.Resume(state, pipeline.inspect_fit_input())
+        kind = flavour.of(self.model)
+        state = KerasTrainingState(self.model, kind)
+        self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
         opened = self._lifecycle.open(state)
         if fit.restore_now(opened):
             self._restore()
@@ -78,6 +82,8 @@ class BackupAndRestore(BackupCallback, keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._boundary(ended=True, epoch_end=True)
+        if self._resume is not None:
+            self._resume.epoch_end()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._boundary(ended=True)  # nothing is due any more; a signal since the last boundary stops

@@ -1,6 +1,7 @@
 """The Keras demo worker: trains the demo model with ``BackupAndRestore`` and reports events.
 
-``python -m keras_impl.demo --backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
+``python -m keras_impl.demo`` trains with Keras 3, ``python -m keras_impl.tf_keras_demo`` with tf_keras;
+both take ``--backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
 [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE] [--hidden 16]
 [--save-before-preemption [SIGNAL ...]] [--keep-previous]``
 
@@ -8,8 +9,10 @@ Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the fina
 (and their ``weights_sha256``: of the float64 little-endian bytes, in the same order).
 Run it again with the same ``--backup-dir`` after a kill, and it resumes; the final weights equal
 those of an uninterrupted run. ``--shuffle`` reshuffles the samples at every epoch's start (a
-``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``);
-``--dropout RATE`` adds a Dropout layer after the hidden one: the result is still bit-identical.
+``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``;
+tf_keras: a ``Sequence`` whose batch order ``fit(shuffle=True)`` draws from Python's ``random``);
+``--dropout RATE`` adds a Dropout layer after the hidden one (tf_keras: ``rng_type="stateful"``):
+the result is still bit-identical.
 ``--save-before-preemption`` alone stops on SIGTERM, with names (``SIGTERM SIGUSR1``) on those: the
 worker backs up the step, logs one warning on stderr and exits with code 143. ``--keep-previous``
 passes ``keep_previous=True`` (the second slot).
@@ -33,12 +36,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    return worker_parser("keras_impl.demo", __doc__.splitlines()[0]).parse_args(argv)
+def parse(argv: Sequence[str] | None, module: str = "keras_impl.demo") -> argparse.Namespace:
+    return worker_parser(module, __doc__.splitlines()[0]).parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
+def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
+    """Run the worker with Keras 3 (``framework="keras"``) or tf_keras (``"tf_keras"``)."""
+    args = parse(argv, "keras_impl.demo" if framework == "keras" else "keras_impl.tf_keras_demo")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
     for name in ("unified_backup", "keras_impl"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -50,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    import keras
+    if framework == "tf_keras":
+        import tf_keras as keras
+    else:
+        import keras
 
     from keras_impl import BackupAndRestore
 
@@ -60,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = rs.normal(size=(256, 4)).astype(np.float32)
     y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
 
-    class Reshuffled(keras.utils.PyDataset):
-        """The samples in batches of 16, in a new order drawn from ``np.random`` at each epoch's start."""
+    class Batches(getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence):  # type: ignore[misc]
+        """The samples in batches of 16; Keras 3: in a new order drawn from ``np.random`` at each epoch's
+        start (tf_keras has no such hook: ``fit(shuffle=True)`` shuffles the batches' order)."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -79,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     layers = [keras.Input((4,)), keras.layers.Dense(args.hidden, activation="relu")]
     if args.dropout:
-        layers.append(keras.layers.Dropout(args.dropout, seed=args.seed))
+        stateful = {"rng_type": "stateful"} if framework == "tf_keras" else {}
+        layers.append(keras.layers.Dropout(args.dropout, seed=args.seed, **stateful))
     model = keras.Sequential([*layers, keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     backup = BackupAndRestore(args.backup_dir, **callback_options(args))
@@ -106,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             emit("epoch", epoch=epoch)
 
-    data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
+    data: dict[str, Any] = {"x": Batches()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
     model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])
     emit(
         "done",
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in model.get_weights()])
     with open(args.out, "w", encoding="utf-8") as f:
         digest = hashlib.sha256(weights.astype("<f8").tobytes()).hexdigest()
-        json.dump({"framework": "keras", "weights": weights.tolist(), "weights_sha256": digest}, f)
+        json.dump({"framework": framework, "weights": weights.tolist(), "weights_sha256": digest}, f)
     return 0
 
 

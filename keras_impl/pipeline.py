@@ -11,8 +11,17 @@ when each epoch's order is drawn afresh from those generators, or is the same in
 - ``tf.data.Dataset`` that yields the same elements in every iteration (no
   ``reshuffle_each_iteration``, no ``tf.random.Generator``; unseeded ops need the same global seed).
 
-Nothing can position the others (``fit(steps_per_epoch=...)`` reading one iterator across epochs,
-Python generators, parallel ``PyDataset`` workers, ...): the callback warns once at restore time.
+tf_keras reads numpy arrays through one iterator across all epochs (each epoch's order is the
+next draw of one shuffle): a resumed ``fit`` reads the epochs before the resumed one again, without
+training, so that the iterator stands where the uninterrupted run's stood. Its exact inputs are
+
+- numpy arrays or tensors (any ``shuffle``; shuffled only with the same TensorFlow global seed);
+- a ``keras.utils.Sequence`` read by one worker (``fit(shuffle=True)`` draws its batch order from
+  Python's ``random``), with no ``on_epoch_end``;
+- a ``tf.data.Dataset``, as for Keras 3.
+
+Nothing can position the others (``fit(steps_per_epoch=...)`` reading one dataset iterator across
+epochs, Python generators, parallel workers, ...): the callback warns once at restore time.
 """
 
 from __future__ import annotations
@@ -47,12 +56,24 @@ class InputPipeline:
         seeded_by_tf: its order is drawn by ops seeded from TensorFlow's global seed (exact only
             when that seed is the same as at the backup).
         element_spec: the structure of one batch (to build a model before its first step), if known.
+        epoch_batches: for one iterator read across epochs whose position depends on the epochs
+            before (tf_keras arrays): the batches each earlier epoch read, which a resumed ``fit``
+            reads again before its first step; None when every epoch starts afresh.
+        first_epoch: the ``initial_epoch`` that ``fit`` was called with (its iterator starts there).
     """
 
     description: str
     problem: str | None = None
     seeded_by_tf: bool = False
     element_spec: Any = dataclasses.field(default=None, compare=False, repr=False)
+    epoch_batches: int | None = None
+    first_epoch: int = 0
+
+    def batches_before(self, epoch: int, backup_seed: int | None, seed: int | None) -> int:
+        """The batches a resumed ``fit`` reads again before it trains ``epoch`` (0 where it would not help)."""
+        if not self.epoch_batches or self.resume_problem(backup_seed, seed) is not None:
+            return 0
+        return max(0, epoch - self.first_epoch) * self.epoch_batches
 
     def resume_problem(self, backup_seed: int | None, seed: int | None) -> str | None:
         """Why resuming this input reads another order than the uninterrupted run, or None."""
@@ -93,8 +114,9 @@ class InputPipeline:
 
 EXACT_INPUTS = (
     "For an exact resume, feed numpy arrays (with shuffle=True, seed every run alike with "
-    "keras.utils.set_random_seed), a keras.utils.PyDataset read by one worker that draws its order in "
-    "on_epoch_begin, or a tf.data.Dataset that does not reshuffle (README: 'Exact resume')."
+    "keras.utils.set_random_seed), a keras.utils.PyDataset (tf_keras: keras.utils.Sequence) read by one "
+    "worker that draws its order in on_epoch_begin (tf_keras: fit(shuffle=True)), or a tf.data.Dataset "
+    "that does not reshuffle (README: 'Exact resume')."
 )
 
 UNKNOWN = InputPipeline(
@@ -160,11 +182,74 @@ def describe(epoch_iterator: Any) -> InputPipeline:
     return InputPipeline(f"{kind} input", f"BackupAndRestore cannot position {kind} input.")
 
 
-def _overrides(dataset: Any, name: str) -> bool:
-    """Whether the dataset's class defines ``name`` itself, rather than inheriting PyDataset's."""
-    from keras.utils import PyDataset
+def _overrides(dataset: Any, name: str, base: Any = None) -> bool:
+    """Whether the dataset's class defines ``name`` itself, rather than inheriting ``base``'s (PyDataset)."""
+    if base is None:
+        from keras.utils import PyDataset as base
+    return getattr(type(dataset), name) is not getattr(base, name)
 
-    return getattr(type(dataset), name) is not getattr(PyDataset, name)
+
+def inspect_tf_keras_fit_input() -> InputPipeline:
+    """Describe the input of the tf_keras ``fit`` that is running; call it from ``on_train_begin``."""
+    handler, fit_args = _private.fit_data_handler()
+    if handler is None:
+        return UNKNOWN
+    try:
+        found = describe_tf_keras(handler, fit_args)
+    except Exception:  # noqa: BLE001 - private structures moved: say so, do not fail the fit
+        return UNKNOWN
+    return dataclasses.replace(found, element_spec=_private.handler_element_spec(handler))
+
+
+def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
+    """Classify a tf_keras ``DataHandler`` by its data adapter."""
+    adapter = _private.handler_adapter(handler)
+    kind = type(adapter).__name__
+    steps = handler.inferred_steps
+    if kind in ("TensorLikeDataAdapter", "GenericArrayLikeDataAdapter"):
+        shuffle = _private.tensor_like_shuffle(adapter)
+        partial = bool(steps) and steps != adapter.get_size()  # fit(steps_per_epoch=...) below the size
+        replay = steps if (shuffle or partial) else None
+        return InputPipeline(
+            f"arrays with shuffle={shuffle!r}" + (f", steps_per_epoch={steps}" if partial else ""),
+            seeded_by_tf=bool(shuffle),
+            epoch_batches=replay,
+            first_epoch=_private.handler_first_epoch(handler),
+        )
+    if kind == "KerasSequenceAdapter":
+        sequence, shuffled = _private.sequence_of(adapter)
+        name = f"a keras.utils.Sequence ({type(sequence).__name__}, shuffle={shuffled})"
+        workers, processes = fit_args.get("workers", 1), fit_args.get("use_multiprocessing", False)
+        if workers > 1 or (workers > 0 and processes):
+            return InputPipeline(
+                name,
+                f"it is read by {workers} worker(s) (use_multiprocessing={processes}) in parallel, so the "
+                "order of their random draws cannot be replayed; use workers=1.",
+            )
+        from tf_keras.utils import Sequence
+
+        if _overrides(sequence, "on_epoch_end", Sequence):
+            return InputPipeline(
+                name,
+                "it defines on_epoch_end(), and what that changes in the Sequence between epochs (e.g. a "
+                "shuffled index) is not in the backup; let fit(shuffle=True) shuffle the batch order instead.",
+            )
+        return InputPipeline(name)
+    if kind == "DatasetAdapter":
+        if not adapter.should_recreate_iterator():
+            return InputPipeline(
+                f"a tf.data.Dataset with steps_per_epoch={steps}",
+                "fit(steps_per_epoch=...) reads one iterator across epochs, and a resumed fit starts a new one "
+                "at the beginning of the data.",
+            )
+        return _describe_tf_dataset(_private.tf_keras_dataset(adapter))
+    if kind == "GeneratorDataAdapter":
+        return InputPipeline(
+            "a Python generator",
+            "a generator is read once across all epochs and cannot be rewound or positioned; the resumed "
+            "fit reads a new generator from its start.",
+        )
+    return InputPipeline(f"{kind} input", f"BackupAndRestore cannot position {kind} input.")
 
 
 def _describe_tf_dataset(dataset: Any) -> InputPipeline:

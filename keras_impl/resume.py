@@ -1,13 +1,14 @@
 """Where a Keras ``fit`` stands, and how a resumed one starts where the backup was made.
 
-Keras 3 has no initial-step mechanism and, without a strategy, builds the model only in its first
-step. :class:`Resume` therefore
+Keras (3 and tf_keras) has no initial-step mechanism that reads the data from the right place,
+and Keras 3 without a strategy builds the model only in its first step. :class:`Resume` therefore
 
-- tells ``fit`` the first epoch (``_private.set_initial_epoch``) and clears it once that epoch began;
+- tells ``fit`` the first epoch (through the flavour) and clears it once that epoch began;
 - restores at once when the model is built (or can be built from the input's structure), else at
   the first step, before it trains, through a stand-in for the model's train function;
 - inside an epoch, has that stand-in read the batches trained before the backup without training
-  on them, and put back the compiled metrics' sums that ``fit`` reset for the epoch;
+  on them, and put back the compiled metrics' sums that ``fit`` reset for the epoch; where one
+  iterator is read across epochs (tf_keras arrays), it first reads the earlier epochs again;
 - turns the optimizer's counters into the :class:`Position` of each boundary.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import keras
 
-from keras_impl import _private, pipeline
+from keras_impl import _private, flavour, pipeline
 from keras_impl.state import KerasTrainingState
 from unified_backup.manifest import Manifest
 from unified_backup.state import Position
@@ -33,6 +34,7 @@ class Resume:
     def __init__(self, state: KerasTrainingState, fit_input: pipeline.InputPipeline) -> None:
         self.state = state
         self.model = state.model
+        self.flavour = state.flavour
         self.input = fit_input
         self.epoch = 0
         self._epoch_start = (0, 0)  # (optimizer steps, batches) when the current epoch began
@@ -44,23 +46,23 @@ class Resume:
         Builds the model from the input's structure where ``fit`` would only build it in its first step.
         """
         if opened is not None and not self.model.built and self.input.element_spec is not None:
-            _private.build_from_spec(self.model, self.input.element_spec)
+            self.flavour.build_from_spec(self.model, self.input.element_spec)
         return self.model.built or opened is None
 
     def defer(self, opened: Manifest, restore: Callable[[Any], int]) -> None:
         """Start ``fit`` at the backup's epoch, and ``restore(iterator)`` at its first step."""
-        _private.set_initial_epoch(self.model, opened.epoch)
+        self.flavour.set_initial_epoch(self.model, opened.epoch)
         self.epoch = opened.epoch
         _FirstSteps(self.model, restore)
 
     def build(self, iterator: Any = None) -> None:
         """Build what the first step would build, so that the backup can be checked and loaded."""
-        if iterator is not None:
-            _private.build_from_spec(self.model, iterator.element_spec)
+        if iterator is not None and not self.model.built:
+            self.flavour.build_from_spec(self.model, iterator.element_spec)
         model = self.model
-        if model.built and not model.optimizer.built:
+        if model.built:
             with model.distribute_strategy.scope():
-                model.optimizer.build(model.trainable_variables)
+                self.flavour.build_optimizer(model)
 
     def restored(self, manifest: Manifest | None, iterator: Any = None) -> int:
         """Start ``fit`` where ``manifest`` was made; return the batches its epoch is to skip.
@@ -73,14 +75,25 @@ class Resume:
         steps, batches = self.state.position
         start = (steps - manifest.step_in_epoch, batches - skip)
         if iterator is None:
-            _private.set_initial_epoch(self.model, manifest.epoch)
+            self.flavour.set_initial_epoch(self.model, manifest.epoch)
             self.epoch, self._resumed_start = manifest.epoch, start
         else:
             self._epoch_start = start
         seeds = self.state.restored_tf_seed, _private.tf_global_seed()
         log.log(*self.input.resume_message(manifest.epoch, skip, *seeds))
-        if skip and iterator is None:
-            _FirstSteps(self.model, lambda it: self._continue_epoch(manifest, skip, it))
+        problem = self.flavour.rng_problem(self.model)
+        if problem is not None:
+            log.warning("Resuming at epoch %d, but %s", manifest.epoch, problem)
+        lead = self.input.batches_before(manifest.epoch, *seeds) if iterator is None else 0
+        if lead:
+            log.info(
+                "Reading the %d batch(es) of the epochs before epoch %d again, without training, so that the "
+                "input (one iterator across epochs) continues where the interrupted run's stood.",
+                lead,
+                manifest.epoch,
+            )
+        if (skip or lead) and iterator is None:
+            _FirstSteps(self.model, lambda it: self._continue_epoch(manifest, skip, it), lead)
         elif skip:
             self._continue_epoch(manifest, skip, iterator)
         return skip
@@ -88,8 +101,10 @@ class Resume:
     def _continue_epoch(self, manifest: Manifest, skip: int, iterator: Any) -> int:
         """At the resumed epoch's first step, put back the metrics' sums, so that the epoch's mean loss
         counts the batches trained before the backup; return how many batches to skip."""
-        if not _private.compiled_metrics_built(self.model):  # fit builds them in this step
-            _private.build_from_spec(self.model, iterator.element_spec)
+        if not skip:
+            return 0
+        if not self.flavour.compiled_metrics_built(self.model):  # fit builds them in this step
+            self.flavour.build_from_spec(self.model, iterator.element_spec)
         if not self.state.restore_metrics():
             log.warning(
                 "The metrics of the backup do not match the compiled metrics; the metrics that fit reports "
@@ -99,11 +114,18 @@ class Resume:
         return skip
 
     def epoch_begin(self, epoch: int) -> None:
-        _private.set_initial_epoch(self.model, None)
+        self.flavour.set_initial_epoch(self.model, None)
         resumed = self._resumed_start is not None and epoch == self.epoch
         self._epoch_start = self._resumed_start if resumed else self.state.position  # type: ignore[assignment]
         self._resumed_start, self.epoch = None, epoch
-        self.state.epoch_began()
+
+    def epoch_end(self) -> None:
+        """After the epoch's boundary: note the host generators as the next epoch's input will find them.
+
+        tf_keras makes the next epoch's iterator (whose prefetching may draw the order) before
+        ``on_epoch_begin``; nothing draws between an epoch's end and the next one's iterator.
+        """
+        self.state.note_epoch_start()
 
     def position(self, ended: bool, steps_per_epoch: int | None) -> Position:
         """Where training stands after a batch, or at the epoch's end (``ended``; maybe stopped inside it)."""
@@ -117,14 +139,15 @@ class Resume:
 
 def clear(model: keras.Model) -> None:
     """Leave nothing of a resume on the model (after ``fit``, or before one that follows a failed one)."""
-    _private.set_initial_epoch(model, None)
+    flavour.of(model).set_initial_epoch(model, None)
     _FirstSteps.remove(model)
 
 
 class _FirstSteps:
     """Stands in for the model's train function during the first steps of a resumed ``fit``.
 
-    Its first call runs ``prepare(iterator)`` (a restore that had to wait for the model to be
+    Its first call reads ``lead`` batches without counting them (the earlier epochs of an iterator
+    read across epochs), then runs ``prepare(iterator)`` (a restore that had to wait for the model to be
     built, or the metrics' sums put back after ``fit`` reset them for the resumed epoch), which
     returns how many batches the backup had already trained in this epoch. ``fit`` calls the train
     function once per ``steps_per_execution`` batches; each call here then reads that many batches
@@ -134,8 +157,9 @@ class _FirstSteps:
     ends inside its last call, so every batch is still trained once.
     """
 
-    def __init__(self, model: keras.Model, prepare: Callable[[Any], int]) -> None:
+    def __init__(self, model: keras.Model, prepare: Callable[[Any], int], lead: int = 0) -> None:
         self.model = model
+        self.lead = lead
         original = _private.train_function(model)
         assert original is not None, "fit makes the train function before on_train_begin"
         self.original = original
@@ -147,11 +171,13 @@ class _FirstSteps:
     def __call__(self, iterator: Any) -> Any:
         if self.iterator is None:
             self.iterator = iterator
+            for _ in range(self.lead):
+                next(iterator)
             self.remaining = self.prepare(iterator)
         if self.remaining <= 0 or iterator is not self.iterator:  # done, or a later epoch or fit
             _FirstSteps.remove(self.model)
             return self.original(iterator)
-        per_call = self.model.steps_per_execution
+        per_call = int(self.model.steps_per_execution)  # a variable in tf_keras
         skipped = min(per_call, self.remaining)
         for _ in range(skipped):
             next(iterator)

@@ -1,4 +1,4 @@
-"""The Keras training state: fingerprint, save and load through ``tf.train.Checkpoint``.
+"""The Keras training state (Keras 3 or tf_keras): fingerprint, save and load through ``tf.train.Checkpoint``.
 
 One ``tf.train.CheckpointManager`` writes the model's variables (the Dropout seed generators'
 states included), the optimizer (with its step counter) and the epoch counters into the folder the
@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_impl import _private, rng
+from keras_impl.flavour import Keras3
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import (
     BackupWriteError,
@@ -42,18 +43,18 @@ _HOST = ("python_random/", "numpy_random/")
 
 
 class KerasTrainingState:
-    """A compiled Keras 3 model and its optimizer, as the core's ``TrainingState``.
+    """A compiled Keras model (Keras 3 or tf_keras) and its optimizer, as the core's ``TrainingState``.
 
     Save and load only once the model and its optimizer are built.
     """
 
-    framework = "keras"
-
-    def __init__(self, model: keras.Model) -> None:
-        _require_single_worker(model)
+    def __init__(self, model: keras.Model, flavour: Keras3) -> None:
+        _require_single_worker(model, flavour)
         self.model = model
+        self.flavour = flavour
         self.optimizer = model.optimizer
-        self.framework_version = f"{keras.__version__} (tensorflow {tf.__version__})"
+        self.framework = flavour.name
+        self.framework_version = flavour.version
         with tf.init_scope():
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -73,7 +74,7 @@ class KerasTrainingState:
             self._built_checkpoint = tf.train.Checkpoint(
                 model=self.model,
                 optimizer=self.optimizer,
-                model_variables=list(self.model.variables),
+                model_variables=list(self.model.variables) + self.flavour.rng_variables(self.model),
                 epoch=self._epoch,
                 step_in_epoch=self._step_in_epoch,
                 batch_in_epoch=self._batch_in_epoch,
@@ -98,27 +99,32 @@ class KerasTrainingState:
         Paths are canonicalised (see :func:`canonical_paths`) so that a model rebuilt in the same
         process, whose layers Keras names ``dense_2`` instead of ``dense``, gives the same keys.
         """
-        model_paths = canonical_paths(v.path for v in self.model.variables)
-        found = {f"model/{model_paths[v.path]}": describe(v.dtype, v.shape) for v in self.model.variables}
-        flat = sorted(
-            ((p.replace("/", "_"), c.replace("/", "_")) for p, c in model_paths.items()),
+        path = self.flavour.path
+        model_paths = canonical_paths(path(v) for v in self.model.variables)
+        found = {f"model/{model_paths[path(v)]}": describe(v.dtype, v.shape) for v in self.model.variables}
+        # Keras 3 names a slot after the variable's path with "/" as "_"; tf_keras keeps the "/".
+        renames = sorted(
+            [(p.replace("/", "_"), c.replace("/", "_")) for p, c in model_paths.items()]
+            + [(p, c) for p, c in model_paths.items()],
             key=lambda pair: -len(pair[0]),
         )
         prefix = f"{self.optimizer.name}/"
         for v in self.optimizer.variables:
-            name = v.path
+            name = path(v)
             while name.startswith(prefix):  # a name scope may repeat it
                 name = name[len(prefix) :]
-            for original, canonical in flat:
-                if name.startswith(original + "_"):
-                    name = canonical + name[len(original) :]
+            for original, canonical in renames:
+                at = name.find(original)
+                end = at + len(original)
+                if at >= 0 and name[at - 1 : at] in ("", "/") and name[end : end + 1] in ("", "/", "_"):
+                    name = name[:at] + canonical + name[end:]
                     break
             found[f"optimizer/{name}"] = describe(v.dtype, v.shape)
         found["optimizer/class"] = type(self.optimizer).__name__
         return found
 
-    def epoch_began(self) -> None:
-        """Note the host generators as an epoch starts, before its input pipeline draws the order."""
+    def note_epoch_start(self) -> None:
+        """Note the host generators as the next epoch starts, before its input pipeline draws the order."""
         self._epoch_start_host = rng.capture_host()
 
     def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
@@ -131,7 +137,7 @@ class KerasTrainingState:
         self._step_in_epoch.assign(position.step_in_epoch)
         self._batch_in_epoch.assign(position.batches)
         host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
-        metrics = {f"{_METRICS}{path}": value for path, value in _metric_values(self.model).items()}
+        metrics = {f"{_METRICS}{path}": value for path, value in self._metric_values().items()}
         try:
             tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
         except tf.errors.OpError as exc:
@@ -182,6 +188,19 @@ class KerasTrainingState:
         self.restored_tf_seed = rng.stored_tf_seed(extra)
         self._restored_metrics = {k[len(_METRICS) :]: v for k, v in extra.items() if k.startswith(_METRICS)}
 
+    def _metric_variables(self) -> list[tuple[str, keras.Variable]]:
+        """(canonical path, variable) of each compiled metric's accumulator."""
+        found = self.flavour.metric_variables(self.model)
+        paths = canonical_paths(path for path, _ in found)
+        return [(paths[path], v) for path, v in found]
+
+    def _metric_values(self) -> dict[str, np.ndarray]:
+        """Each metric variable's per-replica values, stacked (metrics sum over replicas when read)."""
+        return {
+            path: np.stack([np.asarray(part) for part in self.flavour.components(v)])
+            for path, v in self._metric_variables()
+        }
+
     def restore_metrics(self) -> bool:
         """Put back the compiled metrics' accumulators of a backup made inside an epoch.
 
@@ -189,9 +208,7 @@ class KerasTrainingState:
         (and restores nothing) when the metrics differ from those backed up.
         """
         saved, self._restored_metrics = self._restored_metrics, {}
-        variables = list(self.model.metrics_variables)
-        paths = canonical_paths(v.path for v in variables)
-        live = {paths[v.path]: _components(v) for v in variables}
+        live = {path: self.flavour.components(v) for path, v in self._metric_variables()}
         if (
             not saved
             or set(saved) != set(live)
@@ -227,19 +244,6 @@ def canonical_paths(paths: Iterable[str]) -> Mapping[str, str]:
     return result
 
 
-def _components(variable: keras.Variable) -> list[tf.Variable]:
-    """The per-replica parts of a metric variable (one part without a distribution strategy)."""
-    value = variable.value
-    return list(getattr(value, "values", None) or [value])
-
-
-def _metric_values(model: keras.Model) -> dict[str, np.ndarray]:
-    """Each metric variable's per-replica values, stacked (metrics sum over replicas when read)."""
-    variables = list(model.metrics_variables)
-    paths = canonical_paths(v.path for v in variables)
-    return {paths[v.path]: np.stack([np.asarray(part) for part in _components(v)]) for v in variables}
-
-
 def _read_extra(path: Path) -> rng.Arrays:
     """The arrays of ``resume_state.npz``; never unpickles."""
     if not path.exists():
@@ -268,15 +272,15 @@ def _checkpoint_prefix(directory: Path) -> str:
     return str(directory / Path(state.model_checkpoint_path).name)
 
 
-def _require_single_worker(model: keras.Model) -> None:
-    """Refuse multi-worker strategies: Keras 3 ``fit`` does not run under them (keras#20585)."""
+def _require_single_worker(model: keras.Model, flavour: Keras3) -> None:
+    """Refuse multi-worker strategies (Keras 3's ``fit`` does not run under them, keras#20585)."""
     strategy = model.distribute_strategy
     resolver = getattr(strategy, "cluster_resolver", None)
     spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
     workers = sum(len(spec.get(job, ())) for job in ("chief", "worker"))
     if workers > 1 or not strategy.extended.should_checkpoint:
         raise UnsupportedEnvironmentError(
-            f"BackupAndRestore for Keras 3 supports single-process training (no strategy, MirroredStrategy, "
-            f"OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. Keras 3's fit does "
-            "not train under multi-worker strategies; train in one process per backup_dir."
+            f"BackupAndRestore for {flavour.label} supports single-process training (no strategy, "
+            f"MirroredStrategy, OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. "
+            "Multi-worker strategies are not supported yet; train in one process per backup_dir."
         )

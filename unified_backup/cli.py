@@ -94,6 +94,9 @@ def _verified(manifest: Manifest) -> str:
     )
 
 
+FRAMEWORKS = ("keras", "tf_keras", "lightning")  # the demo's workers (unified_backup.demo.WORKERS)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from unified_backup import demo
 
@@ -112,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every file of the backup in DIR against its checksum")
     verify.add_argument("dir")
     verify.set_defaults(func=_verify)
-    demo = sub.add_parser("demo", help="train, SIGKILL and resume in Keras and Lightning, then compare")
-    demo.add_argument(
-        "--frameworks", nargs="+", default=["keras", "lightning"], choices=["keras", "lightning"]
+    demo = sub.add_parser(
+        "demo", help="train, SIGKILL and resume in Keras 3, tf_keras and Lightning, then compare"
     )
+    demo.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     demo.add_argument("--kills", type=int, default=3, help="SIGKILLs per framework (default 3)")
     demo.add_argument("--epochs", type=int, default=12, help="epochs per training (default 12)")
     demo.add_argument("--seed", type=int, default=None, help="seed for the kill instants (default: random)")

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 EVENT_PREFIX = "UB-EVENT "
-WORKERS = {
-    "keras": ("keras_impl.demo", ("tensorflow", "keras")),
-    "lightning": ("lightning_impl.demo", ("torch", "lightning")),
+WORKERS = {  # framework -> (worker module, modules it needs, the extra that installs them)
+    "keras": ("keras_impl.demo", ("tensorflow", "keras"), "keras"),
+    "tf_keras": ("keras_impl.tf_keras_demo", ("tensorflow", "tf_keras"), "keras"),
+    "lightning": ("lightning_impl.demo", ("torch", "lightning"), "lightning"),
 }
 BATCH_SLEEP = 0.02
 STEPS_PER_EPOCH = 16
@@ -256,7 +257,7 @@ def run(
         if missing:
             print(
                 f"[{framework}] skipped: {', '.join(missing)} not installed "
-                f"(pip install 'unified-backup[{framework}]')",
+                f"(pip install 'unified-backup[{WORKERS[framework][2]}]')",
                 flush=True,
             )
             failed = True

@@ -8,6 +8,7 @@ import pytest
 
 DRIVERS = {
     "keras": ("tests.conformance.keras_driver", "KerasDriver"),
+    "tf_keras": ("tests.conformance.keras_driver", "TfKerasDriver"),
     "lightning": ("tests.conformance.lightning_driver", "LightningDriver"),
 }
 

@@ -1,17 +1,22 @@
-"""The conformance driver for Keras 3 on TensorFlow (see ``driver.py`` for the contract of each method).
+"""The conformance drivers for Keras 3 and tf_keras (see ``driver.py`` for the contract of each method).
 
-``shuffle=True`` feeds the documented exact reshuffling input: a ``keras.utils.PyDataset`` that
-draws a new sample order from NumPy's global generator at every epoch's start, read with
-``fit(shuffle=True)`` (Keras then also shuffles the batch order with Python's ``random``). Numpy
-arrays with ``fit(shuffle=True)`` draw their order from TensorFlow's global seed, which a restore
-cannot override, so a job restarted with another ``seed`` would read another order.
+``shuffle=True`` feeds the documented exact reshuffling input. Keras 3: a ``keras.utils.PyDataset``
+that draws a new sample order from NumPy's global generator at every epoch's start, read with
+``fit(shuffle=True)`` (Keras then also shuffles the batch order with Python's ``random``).
+tf_keras (whose ``Sequence`` has no ``on_epoch_begin``): a ``tf_keras.utils.Sequence`` read with
+``fit(shuffle=True)``, which draws each epoch's batch order from Python's ``random``. Numpy arrays
+with ``fit(shuffle=True)`` draw their order from TensorFlow's global seed, which a restore cannot
+override, so a job restarted with another ``seed`` would read another order. tf_keras's Dropout is
+made with ``rng_type="stateful"``, whose generator state can be saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import keras
@@ -52,6 +57,26 @@ class Reshuffled(keras.utils.PyDataset):
         return self.x[rows], self.y[rows]
 
 
+@functools.cache
+def tf_keras_reshuffled() -> type:
+    """``Reshuffled`` for tf_keras: batches in a fixed order that ``fit(shuffle=True)`` shuffles."""
+    import tf_keras
+
+    class BatchOrderShuffled(tf_keras.utils.Sequence):
+        def __init__(self, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+            super().__init__()
+            self.x, self.y, self.batch = x, y, batch
+
+        def __len__(self) -> int:
+            return -(-len(self.x) // self.batch)
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = slice(index * self.batch, (index + 1) * self.batch)
+            return self.x[rows], self.y[rows]
+
+    return BatchOrderShuffled
+
+
 @dataclasses.dataclass
 class KerasRun:
     model: keras.Model
@@ -59,12 +84,27 @@ class KerasRun:
     shuffle: bool
 
 
-class _Interrupt(keras.callbacks.Callback):
+@functools.cache
+def callbacks_of(K: ModuleType) -> tuple[type, type]:
+    """The driver's ``_Interrupt`` and ``_EpochRecorder``, made for ``K`` (keras or tf_keras)."""
+
+    class Interrupt(_Interrupt, K.callbacks.Callback):  # type: ignore[misc,name-defined]
+        pass
+
+    class EpochRecorder(_EpochRecorder, K.callbacks.Callback):  # type: ignore[misc,name-defined]
+        pass
+
+    return Interrupt, EpochRecorder
+
+
+class _Interrupt:
     """Raises ``RuntimeError("interrupt")`` before batch ``b`` of epoch ``e``, or at the end of fit.
 
     Under ``steps_per_execution=k``, fit runs batches k at a time: it raises before the execution
     that would train batch ``b``.
     """
+
+    model: Any
 
     def __init__(self, at: Interrupt) -> None:
         super().__init__()
@@ -75,7 +115,7 @@ class _Interrupt(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        per_call = self.model.steps_per_execution
+        per_call = int(self.model.steps_per_execution)
         if isinstance(self.at, tuple) and self.epoch == self.at[0] and batch <= self.at[1] < batch + per_call:
             raise RuntimeError("interrupt")
 
@@ -84,7 +124,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupt")
 
 
-class _EpochRecorder(keras.callbacks.Callback):
+class _EpochRecorder:
     """The epochs that begin, and each ended epoch's mean loss as ``fit`` reports it."""
 
     def __init__(self) -> None:
@@ -100,7 +140,8 @@ class _EpochRecorder(keras.callbacks.Callback):
 
 
 class KerasDriver:
-    name = "keras"
+    name = "keras"  # the manifest's framework
+    K: ModuleType = keras
 
     def new_run(
         self,
@@ -113,14 +154,15 @@ class KerasDriver:
         lr_schedule: bool = False,
         accumulate: int = 1,
     ) -> KerasRun:
-        init = keras.initializers.GlorotUniform
-        layers = [keras.Input((4,)), keras.layers.Dense(width, "relu", kernel_initializer=init(seed))]
+        K = self.K
+        init = K.initializers.GlorotUniform
+        layers = [K.Input((4,)), K.layers.Dense(width, "relu", kernel_initializer=init(seed))]
         if dropout:
-            layers.append(keras.layers.Dropout(dropout, seed=seed))
-        layers.append(keras.layers.Dense(1, kernel_initializer=init(seed + 1000)))
-        model = keras.Sequential(layers)
-        lr: Any = keras.optimizers.schedules.ExponentialDecay(1e-2, 4, 0.9) if lr_schedule else 1e-2
-        opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr, momentum=0.9)
+            layers.append(K.layers.Dropout(dropout, seed=seed, **self.dropout_options))
+        layers.append(K.layers.Dense(1, kernel_initializer=init(seed + 1000)))
+        model = K.Sequential(layers)
+        lr: Any = K.optimizers.schedules.ExponentialDecay(1e-2, 4, 0.9) if lr_schedule else 1e-2
+        opt = K.optimizers.Adam(lr) if optimizer == "adam" else K.optimizers.SGD(lr, momentum=0.9)
         model.compile(optimizer=opt, loss="mse", steps_per_execution=accumulate)
         return KerasRun(model, seed, shuffle)
 
@@ -135,22 +177,23 @@ class KerasDriver:
         early_stopping: bool = False,
         **options: Any,
     ) -> FitResult:
-        recorder = _EpochRecorder()
-        callbacks: list[keras.callbacks.Callback] = [recorder]
+        interrupter, recorder_class = callbacks_of(self.K)
+        recorder = recorder_class()
+        callbacks: list[Any] = [recorder]
         if interrupt is not None:
-            callbacks.append(_Interrupt(interrupt))
+            callbacks.append(interrupter(interrupt))
         if early_stopping:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0))
+            callbacks.append(self.K.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0))
         backup = (
             BackupAndRestore(backup_dir, save_freq=save_freq, **options) if backup_dir is not None else None
         )
         if backup is not None:
             callbacks.append(backup)  # a new instance per fit, as in a restarted job
-        keras.utils.set_random_seed(run.seed)  # as a restarted job's script does; a restore overrides it
+        self.K.utils.set_random_seed(run.seed)  # as a restarted job's script does; a restore overrides it
         x, y = data()
         inputs: dict[str, Any] = {"x": x, "y": y, "batch_size": BATCH}
         if run.shuffle:
-            inputs = {"x": Reshuffled(x, y, BATCH)}
+            inputs = {"x": self.reshuffled()(x, y, BATCH)}
         error = None
         try:
             run.model.fit(**inputs, epochs=epochs, shuffle=run.shuffle, verbose=0, callbacks=callbacks)
@@ -161,6 +204,12 @@ class KerasDriver:
                 # process goes on, so release the folder as the process's end would (the backup stays).
                 backup.release()
         return FitResult(recorder.epochs, int(run.model.optimizer.iterations), error, recorder.losses)
+
+    dropout_options: dict[str, Any] = {}
+
+    @staticmethod
+    def reshuffled() -> type:
+        return Reshuffled
 
     def weights(self, run: KerasRun) -> list[np.ndarray]:
         return [np.array(w) for w in run.model.get_weights()]
@@ -184,3 +233,20 @@ class KerasDriver:
             self.name, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep, save_freq=save_freq,
             exact=exact, preemption=preemption,
         )  # fmt: skip
+
+
+class TfKerasDriver(KerasDriver):
+    """The same runs built with tf_keras (legacy ``tf.keras``), through the same ``BackupAndRestore``."""
+
+    name = "tf_keras"
+    dropout_options = {"rng_type": "stateful"}
+
+    @property
+    def K(self) -> ModuleType:  # type: ignore[override]
+        import tf_keras
+
+        return tf_keras
+
+    @staticmethod
+    def reshuffled() -> type:
+        return tf_keras_reshuffled()

@@ -1,0 +1,155 @@
+"""Keras 3 and tf_keras: what differs between the two Keras flavours that one ``BackupAndRestore`` serves.
+
+The flavour is told by the model ``fit`` trains: a ``tf_keras.Model`` (also ``tf.keras`` under
+``TF_USE_LEGACY_KERAS=1``) or a Keras 3 ``keras.Model``. Everything else in the adapter (the
+lifecycle calls, the checkpoint, the batch skipping, the RNG states) is shared; this module holds
+the few places where the two differ: how ``fit`` is told its first epoch, what a variable is
+called, where the metrics and the layers' generators live, how an unbuilt model is built, and what
+input ``fit`` reads. Backups of the two flavours are not interchangeable (the manifests'
+``framework`` differs: "keras" and "tf_keras"), since their checkpoints name the same model differently.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_impl import _private, pipeline
+from unified_backup.errors import UnsupportedEnvironmentError
+
+
+class Keras3:
+    """Keras 3 on the TensorFlow backend."""
+
+    name = "keras"
+    label = "Keras 3"
+
+    @property
+    def version(self) -> str:
+        return f"{keras.__version__} (tensorflow {tf.__version__})"
+
+    def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
+        _private.set_initial_epoch(model, epoch)
+
+    def path(self, variable: Any) -> str:
+        return str(variable.path)
+
+    def metric_variables(self, model: Any) -> list[tuple[str, Any]]:
+        """(path, variable) of each compiled metric's accumulator."""
+        return [(v.path, v) for v in model.metrics_variables]
+
+    def components(self, variable: Any) -> list[tf.Variable]:
+        """The per-replica parts of a metric variable (one part without a distribution strategy)."""
+        value = variable.value
+        return list(getattr(value, "values", None) or [value])
+
+    def rng_variables(self, model: Any) -> list[tf.Variable]:
+        """Generator states the checkpoint must hold besides ``model.variables`` (Keras 3's seed
+        generators are among the model's variables already)."""
+        return []
+
+    def rng_problem(self, model: Any) -> str | None:
+        return None
+
+    def inspect_fit_input(self) -> pipeline.InputPipeline:
+        return pipeline.inspect_fit_input()
+
+    def build_from_spec(self, model: Any, element_spec: Any) -> None:
+        _private.build_from_spec(model, element_spec)
+
+    def compiled_metrics_built(self, model: Any) -> bool:
+        return _private.compiled_metrics_built(model)
+
+    def build_optimizer(self, model: Any) -> None:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+
+
+class TfKeras(Keras3):
+    """tf_keras (Keras 2), also reached as ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``."""
+
+    name = "tf_keras"
+    label = "tf_keras"
+
+    @property
+    def version(self) -> str:
+        import tf_keras
+
+        return f"{tf_keras.__version__} (tensorflow {tf.__version__})"
+
+    def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
+        if not _private.tf_keras_started_here(model):
+            raise UnsupportedEnvironmentError(
+                "tf_keras's own BackupAndRestore (tf.keras.callbacks.BackupAndRestore) is in the same fit as "
+                "unified-backup's: both would restore and back up the model. Keep one of them in callbacks."
+            )
+        _private.set_tf_keras_initial_epoch(model, epoch)
+
+    def path(self, variable: Any) -> str:
+        name = str(variable.name)
+        return name[: -len(":0")] if name.endswith(":0") else name
+
+    def metric_variables(self, model: Any) -> list[tuple[str, Any]]:
+        # Metric variables are named "total", "count", ...: the metric's name tells them apart.
+        return [(f"{m.name}/{self.path(v)}", v) for m in model.metrics for v in m.variables]
+
+    def components(self, variable: Any) -> list[tf.Variable]:
+        return list(getattr(variable, "values", None) or [variable])
+
+    def rng_variables(self, model: Any) -> list[tf.Variable]:
+        return [g.state for _, _, g in _private.layer_generators(model) if g is not None]
+
+    def rng_problem(self, model: Any) -> str | None:
+        legacy = [name for name, kind, g in _private.layer_generators(model) if g is None and kind != "stateless"]
+        if not legacy:
+            return None
+        return (
+            f"the layer(s) {', '.join(legacy)} draw from tf_keras's default legacy stateful random ops, whose "
+            "state lives inside TensorFlow's kernels and cannot be saved, so their masks differ from an "
+            "uninterrupted run's after a resume. Create them with rng_type='stateful' (e.g. "
+            "Dropout(0.2, rng_type='stateful')) or call tf.keras.backend.experimental.enable_tf_random_generator() "
+            "before building the model."
+        )
+
+    def inspect_fit_input(self) -> pipeline.InputPipeline:
+        return pipeline.inspect_tf_keras_fit_input()
+
+    def build_from_spec(self, model: Any, element_spec: Any) -> None:
+        inputs = element_spec[0] if isinstance(element_spec, tuple) else element_spec
+        if not model.built:
+            model.build(tf.nest.map_structure(lambda spec: spec.shape, inputs))
+        if isinstance(element_spec, tuple) and len(element_spec) > 1:
+            try:
+                _private.build_tf_keras_compiled_metrics(model, element_spec)
+            except (ValueError, TypeError):  # the batch's shapes are unknown: the first step makes them
+                pass
+
+    def compiled_metrics_built(self, model: Any) -> bool:
+        return _private.tf_keras_compiled_metrics_built(model)
+
+    def build_optimizer(self, model: Any) -> None:
+        optimizer = model.optimizer
+        if hasattr(optimizer, "build"):
+            optimizer.build(model.trainable_variables)  # does nothing once built
+        else:  # a tf_keras.optimizers.legacy optimizer
+            _private.build_legacy_optimizer(optimizer, model.trainable_variables)
+
+
+KERAS3 = Keras3()
+TF_KERAS = TfKeras()
+
+
+def of(model: Any) -> Keras3:
+    """The flavour of ``model``: tf_keras for a ``tf_keras.Model``, else Keras 3."""
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and isinstance(model, tf_keras.Model):
+        return TF_KERAS
+    if isinstance(model, keras.Model):
+        return KERAS3
+    raise UnsupportedEnvironmentError(
+        f"BackupAndRestore trains Keras models: expected a keras.Model (Keras 3) or a tf_keras.Model "
+        f"(tf.keras under TF_USE_LEGACY_KERAS=1); found {type(model).__module__}.{type(model).__name__}."
+    )
