@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from keras_impl import _private, rng
 from keras_impl.flavour import Keras3
+from keras_impl.flavour import of as flavour_of
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import (
     BackupWriteError,
@@ -48,7 +49,8 @@ class KerasTrainingState:
     Save and load only once the model and its optimizer are built.
     """
 
-    def __init__(self, model: keras.Model, flavour: Keras3) -> None:
+    def __init__(self, model: keras.Model, flavour: Keras3 | None = None) -> None:
+        flavour = flavour or flavour_of(model)
         _require_single_worker(model, flavour)
         self.model = model
         self.flavour = flavour

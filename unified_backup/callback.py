@@ -8,6 +8,7 @@ The arguments are declared once, by :class:`BackupOptions`.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,16 @@ from unified_backup.manifest import Manifest
 from unified_backup.options import BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 
+log = logging.getLogger(__name__)
+
 
 class BackupCallback:
     """Back up the training to ``backup_dir``; resume from it when ``fit`` starts again.
 
     Args:
         backup_dir: local folder that holds the single backup (other files in it are left alone).
-        save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
+        save_freq: ``"epoch"`` to back up at each epoch end, N to back up every N optimizer steps, or
+            ``False``: no periodic backup, only the one ``save_before_preemption`` makes.
         delete_checkpoint: delete the backup when ``fit`` returns normally (early stopping included).
         save_before_preemption: on SIGTERM (``True``) or the signals listed (e.g.
             ``["SIGTERM", "SIGUSR1"]``), back up at the next step boundary and stop.
@@ -45,6 +49,12 @@ class BackupCallback:
         if self._options.preemption_signals:
             PreemptionWatch.check_installable()  # raise now rather than be silently off later
         self._lifecycle = Lifecycle(self._options, preempted=self.preempted_error)
+        if self._options.save_freq is False and not self._options.preemption_signals:
+            log.warning(
+                "BackupAndRestore(save_freq=False) without save_before_preemption never backs up: it only "
+                "restores a backup found in %s. Pass save_before_preemption=True to back up on SIGTERM.",
+                self._options.backup_dir,
+            )
 
     __init__.__signature__ = inspect.signature(BackupOptions.__init__)  # type: ignore[attr-defined]
 
@@ -64,7 +74,7 @@ class BackupCallback:
         return self._options.backup_dir
 
     @property
-    def save_freq(self) -> str | int:
+    def save_freq(self) -> str | int | bool:
         return self._options.save_freq
 
     @property

@@ -122,8 +122,8 @@ def worker_parser(module: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-freq",
         default="epoch",
-        type=lambda v: v if v == "epoch" else int(v),
-        help="'epoch' or a number of optimizer steps",
+        type=lambda v: v if v == "epoch" else False if v.lower() == "false" else int(v),
+        help="'epoch', a number of optimizer steps, or 'false' (back up only on preemption)",
     )
     parser.add_argument("--shuffle", action="store_true", help="reshuffle the samples every epoch")
     parser.add_argument("--dropout", type=float, default=0.0, help="rate of a Dropout layer (0: none)")

@@ -232,6 +232,7 @@ class Lifecycle:
     # -- opening ------------------------------------------------------------------------
     def _choose(self, framework: str) -> dict[str, Any]:
         """(primary) Lock, then the verified manifest to restore and why the newest was refused, if it was."""
+        self.slot.claim()
         self._lock.acquire()
         manifest, refused = choice.choose(self.slot, framework, keep_previous=self.options.keep_previous)
         return {
@@ -249,6 +250,8 @@ class Lifecycle:
     # -- backing up ------------------------------------------------------------------------
     def _due(self, fit: _Fit, position: Position, epoch_end: bool) -> bool:
         """Whether ``save_freq`` asks for a backup here: at an epoch end, or N optimizer steps on."""
+        if not self.options.periodic:
+            return False
         if self.options.per_epoch:
             return epoch_end
         return position.global_step - fit.last_backup_step >= int(self.options.save_freq)

@@ -22,7 +22,8 @@ class BackupOptions:
 
     Attributes:
         backup_dir: local folder that holds the single backup slot.
-        save_freq: ``"epoch"`` to back up at each epoch end, or N to back up every N optimizer steps.
+        save_freq: ``"epoch"`` to back up at each epoch end, N to back up every N optimizer steps, or
+            ``False`` for no periodic backup (only the one ``save_before_preemption`` makes).
         delete_checkpoint: delete the backup when ``fit`` returns normally.
         save_before_preemption: on SIGTERM (``True``) or the listed signals, back up at the next
             step boundary and stop with :class:`TrainingPreempted` (exit code 143).
@@ -36,7 +37,7 @@ class BackupOptions:
     """
 
     backup_dir: Path
-    save_freq: str | int = EPOCH
+    save_freq: str | int | bool = EPOCH
     delete_checkpoint: bool = True
     save_before_preemption: bool | tuple[str | int, ...] = False
     on_write_error: str = RAISE
@@ -46,7 +47,7 @@ class BackupOptions:
     def __init__(
         self,
         backup_dir: str | os.PathLike[str],
-        save_freq: str | int = EPOCH,
+        save_freq: str | int | bool = EPOCH,
         delete_checkpoint: bool = True,
         save_before_preemption: bool | Sequence[str | int] = False,
         *,
@@ -64,12 +65,13 @@ class BackupOptions:
                 "This version writes to local (or locally mounted) folders only; remote URIs are not "
                 "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
             )
-        if save_freq != EPOCH and (
+        if save_freq is not False and save_freq != EPOCH and (
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0
         ):
             raise InvalidArgumentError(
                 f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "
-                "Expected either 'epoch' or a positive integer number of optimizer steps."
+                "Expected 'epoch', a positive integer number of optimizer steps, or False (back up only "
+                "on preemption)."
             )
         if not isinstance(delete_checkpoint, bool):
             raise InvalidArgumentError(
@@ -103,3 +105,8 @@ class BackupOptions:
     @property
     def per_epoch(self) -> bool:
         return self.save_freq == EPOCH
+
+    @property
+    def periodic(self) -> bool:
+        """Whether backups are made as training goes (``save_freq`` is not ``False``)."""
+        return self.save_freq is not False

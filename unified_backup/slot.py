@@ -47,6 +47,7 @@ from unified_backup.manifest import (
 PAYLOAD_PREFIX = "payload-"
 _PAYLOAD_NAME = re.compile(r"payload-\d{8}T\d{6}-[0-9a-f]{8}(\.worker-\d+)?")
 _TMP_MARK = ".tmp-"
+CREATED_NAME = ".unified-backup-created"  # marks a backup_dir the library made (and may remove)
 _CHUNK = 8 << 20
 log = logging.getLogger(__name__)
 
@@ -228,9 +229,23 @@ class Slot:
             elif entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
                 entry.unlink()
 
+    def claim(self) -> None:
+        """Make ``backup_dir`` if it does not exist, marked as the library's own.
+
+        Only a folder the library made is ever removed (by :meth:`prune`); one that existed before
+        ``fit``, even empty, stays.
+        """
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / CREATED_NAME).touch()
+
     def prune(self) -> None:
-        """Remove ``backup_dir`` itself if nothing (no user file, no lock) is left in it."""
+        """Remove ``backup_dir`` itself if the library made it and nothing else (no user file, no
+        lock) is left in it."""
         try:
+            if [entry.name for entry in self.directory.iterdir()] != [CREATED_NAME]:
+                return
+            (self.directory / CREATED_NAME).unlink()
             self.directory.rmdir()
         except OSError:
             pass

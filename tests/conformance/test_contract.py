@@ -59,6 +59,23 @@ def test_fresh_run_leaves_no_backup(driver, tmp_path):
     assert not (tmp_path / "backup").exists()
 
 
+def test_a_folder_that_existed_before_fit_is_kept_empty(driver, tmp_path):
+    backup_dir = tmp_path / "backup"
+    backup_dir.mkdir()
+    result = driver.fit(driver.new_run(), backup_dir, epochs=2)
+    assert result.error is None
+    assert backup_dir.is_dir() and not any(backup_dir.iterdir())  # only what the library wrote is gone
+
+
+def test_save_freq_false_makes_no_periodic_backup(driver, tmp_path, caplog):
+    backup_dir = tmp_path / "backup"
+    with caplog.at_level(logging.WARNING):
+        result = driver.fit(driver.new_run(), backup_dir, epochs=3, save_freq=False, interrupt=(2, 3))
+    assert isinstance(result.error, RuntimeError) and "interrupt" in str(result.error)
+    assert Slot(backup_dir).read_manifest() is None  # two epochs and three steps trained, nothing backed up
+    assert "(save_freq=False) without save_before_preemption never backs up" in caplog.text
+
+
 def test_exception_then_resume_redoes_the_epoch_and_matches_uninterrupted(driver, tmp_path):
     expected = reference(driver, 4, tmp_path)
     manifest = interrupted_backup(driver, tmp_path / "backup", epoch=2, batch=3)

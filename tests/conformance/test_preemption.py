@@ -12,18 +12,25 @@ from unified_backup import Slot
 from unified_backup.preemption import EXIT_PREEMPTED
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_backs_up_the_step_stops_and_resumes_exactly(driver, tmp_path, sig):
+@pytest.mark.parametrize(
+    ("sig", "save_freq"),
+    [(signal.SIGTERM, "epoch"), (signal.SIGUSR1, "epoch"), (signal.SIGTERM, False)],
+    ids=["SIGTERM", "SIGUSR1", "SIGTERM-save_freq=False"],
+)
+def test_signal_backs_up_the_step_stops_and_resumes_exactly(driver, tmp_path, sig, save_freq):
     def command(backup_dir, out, batch_sleep, preemption=()):
         return driver.demo_command(
-            backup_dir, out, epochs=3, batch_sleep=batch_sleep, exact=True, preemption=preemption
-        )
+            backup_dir, out, epochs=3, batch_sleep=batch_sleep, exact=True, preemption=preemption,
+            save_freq=save_freq,
+        )  # fmt: skip
 
     assert Worker(command(tmp_path / "reference", tmp_path / "reference.json", 0.0)).finish(300) == 0
     backup_dir = tmp_path / "backup"
     victim = Worker(command(backup_dir, tmp_path / "out.json", 0.05, preemption=("SIGTERM", sig.name)))
     assert victim.wait_event("epoch", 300) is not None, victim.failure()
     victim.wait_event("never", 0.2)  # inside epoch 1
+    if save_freq is False:  # no periodic backup: the signal's is the first
+        assert Slot(backup_dir).read_manifest() is None
     victim.proc.send_signal(sig)
     assert victim.finish(120) == EXIT_PREEMPTED, victim.failure()
     log = "".join(victim.stderr)

@@ -8,9 +8,14 @@ from unified_backup import BackupOptions, InvalidArgumentError
 @pytest.mark.parametrize("save_freq", [0, -3, "batch", 1.5, True, None])
 def test_bad_save_freq_names_argument_value_and_expectation(tmp_path, save_freq):
     with pytest.raises(
-        InvalidArgumentError, match=r"save_freq.*Received: save_freq=.*Expected either 'epoch'"
+        InvalidArgumentError, match=r"save_freq.*Received: save_freq=.*Expected 'epoch', a positive integer.*or False"
     ):
         BackupOptions(tmp_path, save_freq=save_freq)
+
+
+def test_save_freq_false_means_no_periodic_backup(tmp_path):
+    assert not BackupOptions(tmp_path, save_freq=False).periodic
+    assert BackupOptions(tmp_path, save_freq=3).periodic and BackupOptions(tmp_path).per_epoch
 
 
 @pytest.mark.parametrize("backup_dir", ["", None, 3])
