@@ -72,12 +72,23 @@ def test_delete_keeps_user_files(backup_dir):
     assert sorted(os.listdir(backup_dir)) == ["notes.txt"]
 
 
-def test_delete_then_prune_removes_an_emptied_folder(backup_dir):
+def test_delete_then_prune_removes_an_emptied_folder_the_library_made(backup_dir):
     slot = Slot(backup_dir)
+    slot.claim()
     commit(slot)
     slot.delete()
     slot.prune()
     assert not backup_dir.exists()
+
+
+def test_prune_keeps_a_folder_that_existed_before(backup_dir):
+    backup_dir.mkdir()
+    slot = Slot(backup_dir)
+    slot.claim()  # it exists: not the library's
+    commit(slot)
+    slot.delete()
+    slot.prune()
+    assert backup_dir.is_dir() and not any(backup_dir.iterdir())
 
 
 def test_manifest_names_a_missing_payload(backup_dir):
