@@ -97,8 +97,15 @@ def previous_is_bad(backup_dir: Path) -> bool:
 
 
 def temp_leftovers(tmpdir: Path) -> int:
-    """Files the workers left in their TMPDIR (e.g. a temp copy of a checkpoint cut by the kill)."""
-    return sum(1 for p in tmpdir.rglob("*") if p.is_file())
+    """Files the workers left in their TMPDIR (e.g. a temp copy of a checkpoint cut by the kill).
+
+    Not counted: ``__autograph_generated_file*.py``, the source TensorFlow's autograph writes for
+    tf_keras's train function and deletes only at a normal exit (a SIGKILL leaves it; not ours).
+    """
+    return sum(1 for p in tmpdir.rglob("*") if p.is_file() and not p.name.startswith(AUTOGRAPH))
+
+
+AUTOGRAPH = "__autograph_generated_file"
 
 
 def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root: Path) -> dict:
