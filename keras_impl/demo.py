@@ -3,7 +3,7 @@
 ``python -m keras_impl.demo`` trains with Keras 3, ``python -m keras_impl.tf_keras_demo`` with tf_keras;
 both take ``--backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
 [--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE] [--hidden 16]
-[--save-before-preemption [SIGNAL ...]] [--keep-previous]``
+[--save-before-preemption [SIGNAL ...]] [--keep-previous] [--mirrored]``
 
 Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json
 (and their ``weights_sha256``: of the float64 little-endian bytes, in the same order).
@@ -15,7 +15,8 @@ tf_keras: a ``Sequence`` whose batch order ``fit(shuffle=True)`` draws from Pyth
 the result is still bit-identical.
 ``--save-before-preemption`` alone stops on SIGTERM, with names (``SIGTERM SIGUSR1``) on those: the
 worker backs up the step, logs one warning on stderr and exits with code 143. ``--keep-previous``
-passes ``keep_previous=True`` (the second slot).
+passes ``keep_previous=True`` (the second slot). ``--mirrored`` trains under ``MirroredStrategy`` on two
+logical CPUs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def parse(argv: Sequence[str] | None, module: str = "keras_impl.demo") -> argparse.Namespace:
-    return worker_parser(module, __doc__.splitlines()[0]).parse_args(argv)
+    parser = worker_parser(module, __doc__.splitlines()[0])
+    parser.add_argument(
+        "--mirrored", action="store_true", help="train under MirroredStrategy on two logical CPUs"
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
@@ -53,6 +58,11 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
     # Before TensorFlow starts its thread pools: one thread each, so every run computes alike.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.mirrored:  # before TensorFlow initialises its devices
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    devices = ["/cpu:0", "/cpu:1"]
+    strategy = tf.distribute.MirroredStrategy(devices) if args.mirrored else tf.distribute.get_strategy()
 
     if framework == "tf_keras":
         import tf_keras as keras
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
     x = rs.normal(size=(256, 4)).astype(np.float32)
     y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
 
-    class Batches(getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence):  # type: ignore[misc]
+    class Reshuffled(getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence):  # type: ignore[misc]
         """The samples in batches of 16; Keras 3: in a new order drawn from ``np.random`` at each epoch's
         start (tf_keras has no such hook: ``fit(shuffle=True)`` shuffles the batches' order)."""
 
@@ -89,8 +99,9 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
     if args.dropout:
         stateful = {"rng_type": "stateful"} if framework == "tf_keras" else {}
         layers.append(keras.layers.Dropout(args.dropout, seed=args.seed, **stateful))
-    model = keras.Sequential([*layers, keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    with strategy.scope():
+        model = keras.Sequential([*layers, keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     backup = BackupAndRestore(args.backup_dir, **callback_options(args))
     epochs_run: list[int] = []
 
@@ -102,7 +113,7 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
             emit(
                 "start",
                 restored_epoch=None if restored is None else restored.epoch,
-                global_step=int(model.optimizer.iterations),
+                global_step=int(model.optimizer.iterations.numpy()),
             )
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -115,7 +126,7 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             emit("epoch", epoch=epoch)
 
-    data: dict[str, Any] = {"x": Batches()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
+    data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
     model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])
     emit(
         "done",

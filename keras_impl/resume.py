@@ -177,7 +177,8 @@ class _FirstSteps:
         if self.remaining <= 0 or iterator is not self.iterator:  # done, or a later epoch or fit
             _FirstSteps.remove(self.model)
             return self.original(iterator)
-        per_call = int(self.model.steps_per_execution)  # a variable in tf_keras
+        per_call = self.model.steps_per_execution  # tf_keras: a (maybe mirrored) variable
+        per_call = int(per_call.numpy() if hasattr(per_call, "numpy") else per_call)
         skipped = min(per_call, self.remaining)
         for _ in range(skipped):
             next(iterator)

@@ -115,7 +115,8 @@ class _Interrupt:
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        per_call = int(self.model.steps_per_execution)
+        per_call = self.model.steps_per_execution  # tf_keras: a (maybe mirrored) variable
+        per_call = int(per_call.numpy() if hasattr(per_call, "numpy") else per_call)
         if isinstance(self.at, tuple) and self.epoch == self.at[0] and batch <= self.at[1] < batch + per_call:
             raise RuntimeError("interrupt")
 

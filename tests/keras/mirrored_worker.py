@@ -1,7 +1,9 @@
 """Run under two logical CPUs with MirroredStrategy: reference, interrupt, resume; print the outcome as JSON.
 
-A script (run by ``test_processes.py`` in its own process) because logical devices must be set
-before TensorFlow initialises its devices, and TensorFlow's state is shared by the whole process.
+``python -m tests.keras.mirrored_worker [keras|tf_keras]``: the models are built with Keras 3
+(default) or tf_keras. A script (run by ``test_processes.py`` in its own process) because logical
+devices must be set before TensorFlow initialises its devices, and TensorFlow's state is shared by
+the whole process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import keras  # noqa: E402
+if sys.argv[1:] == ["tf_keras"]:
+    import tf_keras as keras
+else:
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_impl import BackupAndRestore  # noqa: E402

@@ -30,8 +30,9 @@ def run_python(args: list[str], timeout: float = 180) -> subprocess.CompletedPro
     )
 
 
-def test_mirrored_strategy_interrupted_then_resumed_equals_uninterrupted():
-    done = run_python(["-m", "tests.keras.mirrored_worker"])
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_mirrored_strategy_interrupted_then_resumed_equals_uninterrupted(flavour):
+    done = run_python(["-m", "tests.keras.mirrored_worker", flavour])
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
@@ -101,6 +102,36 @@ def test_another_keras_backend_is_refused():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused:" in done.stdout and "'torch'" in done.stdout
     assert "KERAS_BACKEND=tensorflow" in done.stdout
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_sigkill_under_mirrored_strategy_resumes_bit_identical(tmp_path, flavour):
+    """The demo worker under MirroredStrategy (two logical CPUs), SIGKILLed inside an epoch once a step
+    backup is committed, then run again: it ends with the weights of its uninterrupted run."""
+    module = {"keras": "keras_impl.demo", "tf_keras": "keras_impl.tf_keras_demo"}[flavour]
+
+    def argv(backup_dir: Path, out: Path, sleep: float) -> list[str]:
+        return [sys.executable, "-m", module, "--backup-dir", str(backup_dir), "--out", str(out),
+                "--batch-sleep", str(sleep), "--epochs", "3", "--save-freq", "5", "--mirrored"]  # fmt: skip
+
+    reference = Worker(argv(tmp_path / "reference", tmp_path / "reference.json", 0.0))
+    assert reference.finish(180) == 0, reference.failure()
+    backup_dir, slot = tmp_path / "backup", Slot(tmp_path / "backup")
+    victim = Worker(argv(backup_dir, tmp_path / "out.json", 0.05))
+    try:
+        deadline = time.monotonic() + 120
+        while (manifest := slot.read_manifest()) is None or manifest.epoch < 1 or not manifest.step_in_epoch:
+            assert victim.proc.poll() is None and time.monotonic() < deadline, victim.failure()
+            time.sleep(0.01)
+    finally:
+        victim.kill()  # SIGKILL
+    assert victim.proc.returncode == -signal.SIGKILL
+    survivor = Worker(argv(backup_dir, tmp_path / "out.json", 0.0))
+    assert survivor.finish(180) == 0, survivor.failure()
+    assert survivor.wait_event("start", 0)["global_step"] >= manifest.global_step
+    expected = json.loads((tmp_path / "reference.json").read_text())["weights"]
+    assert json.loads((tmp_path / "out.json").read_text())["weights"] == expected
+    assert not backup_dir.exists()
 
 
 def test_sigkill_inside_an_epoch_of_a_reshuffled_dropout_run_resumes_bit_identical(tmp_path):
