@@ -55,6 +55,7 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
         resume.clear(self.model)  # left by a fit that raised
         kind = flavour.of(self.model)
+        kind.check_alone(self.model)
         state = KerasTrainingState(self.model, kind)
         self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
         opened = self._lifecycle.open(state)

@@ -11,6 +11,7 @@ input ``fit`` reads. Backups of the two flavours are not interchangeable (the ma
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -34,8 +35,18 @@ class Keras3:
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
         _private.set_initial_epoch(model, epoch)
 
-    def path(self, variable: Any) -> str:
+    def check_alone(self, model: Any) -> None:
+        """Refuse a fit where the framework's own backup callback also restores the model."""
+
+    def path(self, variable: Any, model: Any) -> str:
+        """The variable's name as the fingerprint keys it."""
         return str(variable.path)
+
+    def optimizer_name(self, optimizer: Any) -> str:
+        return str(optimizer.name)
+
+    def optimizer_variables(self, optimizer: Any) -> list[Any]:
+        return list(optimizer.variables)
 
     def metric_variables(self, model: Any) -> list[tuple[str, Any]]:
         """(path, variable) of each compiled metric's accumulator."""
@@ -81,20 +92,36 @@ class TfKeras(Keras3):
         return f"{tf_keras.__version__} (tensorflow {tf.__version__})"
 
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
+        if epoch is not None:
+            self.check_alone(model)
+        if _private.tf_keras_started_here(model):  # never undo what tf_keras's own callback set
+            _private.set_tf_keras_initial_epoch(model, epoch)
+
+    def check_alone(self, model: Any) -> None:
         if not _private.tf_keras_started_here(model):
             raise UnsupportedEnvironmentError(
                 "tf_keras's own BackupAndRestore (tf.keras.callbacks.BackupAndRestore) is in the same fit as "
                 "unified-backup's: both would restore and back up the model. Keep one of them in callbacks."
             )
-        _private.set_tf_keras_initial_epoch(model, epoch)
 
-    def path(self, variable: Any) -> str:
+    def path(self, variable: Any, model: Any) -> str:
+        """``v.name`` without ":0" and without the model's own name scope, which tf_keras adds to a
+        subclassed model's variables built inside ``fit`` (``regressor/dense/kernel``) but not to
+        those built by ``model.build`` (``dense/kernel``)."""
         name = str(variable.name)
-        return name[: -len(":0")] if name.endswith(":0") else name
+        name = name[: -len(":0")] if name.endswith(":0") else name
+        return re.sub(rf"(^|/){re.escape(model.name)}/", r"\1", name)
+
+    def optimizer_name(self, optimizer: Any) -> str:
+        return str(optimizer.get_config()["name"])  # a legacy optimizer has no ``name``
+
+    def optimizer_variables(self, optimizer: Any) -> list[Any]:
+        found = optimizer.variables
+        return list(found() if callable(found) else found)  # a method on a legacy optimizer
 
     def metric_variables(self, model: Any) -> list[tuple[str, Any]]:
         # Metric variables are named "total", "count", ...: the metric's name tells them apart.
-        return [(f"{m.name}/{self.path(v)}", v) for m in model.metrics for v in m.variables]
+        return [(f"{m.name}/{self.path(v, model)}", v) for m in model.metrics for v in m.variables]
 
     def components(self, variable: Any) -> list[tf.Variable]:
         return list(getattr(variable, "values", None) or [variable])

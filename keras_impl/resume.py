@@ -114,6 +114,7 @@ class Resume:
         return skip
 
     def epoch_begin(self, epoch: int) -> None:
+        self.flavour.check_alone(self.model)
         self.flavour.set_initial_epoch(self.model, None)
         resumed = self._resumed_start is not None and epoch == self.epoch
         self._epoch_start = self._resumed_start if resumed else self.state.position  # type: ignore[assignment]

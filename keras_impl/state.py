@@ -101,7 +101,7 @@ class KerasTrainingState:
         Paths are canonicalised (see :func:`canonical_paths`) so that a model rebuilt in the same
         process, whose layers Keras names ``dense_2`` instead of ``dense``, gives the same keys.
         """
-        path = self.flavour.path
+        path = lambda v: self.flavour.path(v, self.model)  # noqa: E731
         model_paths = canonical_paths(path(v) for v in self.model.variables)
         found = {f"model/{model_paths[path(v)]}": describe(v.dtype, v.shape) for v in self.model.variables}
         # Keras 3 names a slot after the variable's path with "/" as "_"; tf_keras keeps the "/".
@@ -110,8 +110,8 @@ class KerasTrainingState:
             + [(p, c) for p, c in model_paths.items()],
             key=lambda pair: -len(pair[0]),
         )
-        prefix = f"{self.optimizer.name}/"
-        for v in self.optimizer.variables:
+        prefix = f"{self.flavour.optimizer_name(self.optimizer)}/"
+        for v in self.flavour.optimizer_variables(self.optimizer):
             name = path(v)
             while name.startswith(prefix):  # a name scope may repeat it
                 name = name[len(prefix) :]

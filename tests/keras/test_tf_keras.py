@@ -1,0 +1,218 @@
+"""tf_keras (legacy tf.keras) through the same ``BackupAndRestore``: what differs from Keras 3.
+
+The conformance suite runs every shared scenario against tf_keras too; these are the tf_keras-only
+cases: its optimizers and models, its array input (one iterator across epochs), its Dropout's
+random-number generators, its own callback, and a user's script swapping the import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+tf_keras = pytest.importorskip("tf_keras")
+
+from keras_impl import BackupAndRestore  # noqa: E402
+from tests.conformance.keras_driver import BATCH, KerasDriver, TfKerasDriver, callbacks_of, data  # noqa: E402
+from unified_backup import IncompatibleBackupError, Slot, UnsupportedEnvironmentError  # noqa: E402
+
+pytestmark = pytest.mark.tf_keras
+
+ROOT = Path(__file__).resolve().parents[2]
+Interrupt, EpochRecorder = callbacks_of(tf_keras)
+
+
+def fit(model: Any, backup_dir: Path | None, *, epochs: int = 4, interrupt: Any = None, seed: int = 0,
+        save_freq: Any = "epoch", callbacks: list[Any] = (), **fit_args: Any) -> tuple[Any, BaseException | None]:  # fmt: skip
+    """Fit on the standard data; return the epoch recorder and the error ``fit`` raised (None if none)."""
+    recorder = EpochRecorder()
+    extra: list[Any] = [recorder, *callbacks]
+    if interrupt is not None:
+        extra.append(Interrupt(interrupt))
+    backup = BackupAndRestore(backup_dir, save_freq=save_freq) if backup_dir is not None else None
+    tf_keras.utils.set_random_seed(seed)
+    x, y = data()
+    inputs = {"x": x, "y": y, "batch_size": BATCH} | fit_args
+    try:
+        model.fit(**inputs, epochs=epochs, verbose=0, callbacks=[*extra, *([backup] if backup else [])])
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        if backup is not None:
+            backup.release()
+        return recorder, exc
+    return recorder, None
+
+
+def weights(model: Any) -> list[np.ndarray]:
+    return [np.array(w) for w in model.get_weights()]
+
+
+def assert_same(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def model_of(build: Any, seed: int) -> Any:
+    tf_keras.utils.set_random_seed(seed)  # other initial weights per run: the restore overwrites them
+    return build()
+
+
+def interrupted_then_resumed(build: Any, tmp_path: Path, *, at: tuple[int, int] = (1, 3), save_freq: Any = 5,
+                             seed: int = 0, **fit_args: Any) -> tuple[Any, Any]:  # fmt: skip
+    """(reference model, resumed model): trained alike, the second interrupted at ``at`` and resumed."""
+    reference = model_of(build, 100)
+    assert fit(reference, tmp_path / "reference", seed=seed, save_freq=save_freq, **fit_args)[1] is None
+    backup_dir = tmp_path / "backup"
+    _, error = fit(model_of(build, 100), backup_dir, interrupt=at, seed=seed, save_freq=save_freq, **fit_args)
+    assert isinstance(error, RuntimeError) and Slot(backup_dir).read_manifest() is not None
+    resumed = model_of(build, 102)
+    assert fit(resumed, backup_dir, seed=seed, save_freq=save_freq, **fit_args)[1] is None
+    assert not backup_dir.exists()
+    return reference, resumed
+
+
+def sequential(**dropout: Any) -> Any:
+    layers = [tf_keras.Input((4,)), tf_keras.layers.Dense(8, "relu")]
+    if dropout:
+        layers.append(tf_keras.layers.Dropout(0.2, **dropout))
+    model = tf_keras.Sequential([*layers, tf_keras.layers.Dense(1)])
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2), loss="mse")
+    return model
+
+
+def test_nothing_is_left_on_the_model_so_a_second_fit_is_a_first_one(tmp_path):
+    """tf_keras's own callback deletes ``model._training_state``, and a later ``fit`` then crashes."""
+    model = TfKerasDriver().new_run().model
+    assert fit(model, tmp_path / "backup", interrupt=(2, 3))[1] is not None
+    recorder, error = fit(model, tmp_path / "backup")
+    assert error is None and recorder.epochs == [2, 3]
+    recorder, error = fit(model, None, epochs=2)  # the same model, no callback
+    assert error is None and recorder.epochs == [0, 1]
+    assert int(model.optimizer.iterations.numpy()) == 6 * 8
+
+
+def test_shuffled_arrays_resume_exactly_with_the_same_global_seed(tmp_path, caplog):
+    """Arrays with ``shuffle=True`` draw each epoch's order from one iterator: the resumed fit reads the
+    earlier epochs again (without training) so that epoch 1 gets the uninterrupted run's order."""
+    with caplog.at_level(logging.INFO, logger="keras_impl"):
+        reference, resumed = interrupted_then_resumed(sequential, tmp_path, at=(2, 6), shuffle=True)
+    assert_same(weights(resumed), weights(reference))
+    assert "Reading the 16 batch(es) of the epochs before epoch 2 again" in caplog.text
+    assert "does not reproduce" not in caplog.text
+
+
+def test_shuffled_arrays_with_another_global_seed_are_said_not_exact(tmp_path, caplog):
+    backup_dir = tmp_path / "backup"
+    assert fit(sequential(), backup_dir, interrupt=(2, 3), shuffle=True, seed=1)[1] is not None
+    with caplog.at_level(logging.WARNING, logger="keras_impl"):
+        assert fit(sequential(), backup_dir, shuffle=True, seed=2)[1] is None
+    assert "which was 1 when the backup was made and is 2 now" in caplog.text
+
+
+def test_stateful_dropout_resumes_exactly_and_legacy_dropout_is_said_not_to(tmp_path, caplog):
+    reference, resumed = interrupted_then_resumed(lambda: sequential(rng_type="stateful"), tmp_path / "a")
+    assert_same(weights(resumed), weights(reference))
+    with caplog.at_level(logging.WARNING, logger="keras_impl"):
+        interrupted_then_resumed(lambda: sequential(name="legacy_dropout"), tmp_path / "b")
+    assert "legacy_dropout draw from tf_keras's default legacy stateful random ops" in caplog.text
+    assert "rng_type='stateful'" in caplog.text
+
+
+def test_legacy_optimizer_resumes_exactly(tmp_path):
+    def build() -> Any:
+        model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(8, "relu"), tf_keras.layers.Dense(1)])
+        model.compile(optimizer=tf_keras.optimizers.legacy.Adam(1e-2), loss="mse")
+        return model
+
+    reference, resumed = interrupted_then_resumed(build, tmp_path)
+    assert_same(weights(resumed), weights(reference))
+    assert_same([np.array(v) for v in resumed.optimizer.variables()],
+                [np.array(v) for v in reference.optimizer.variables()])  # fmt: skip
+
+
+def test_an_unbuilt_subclassed_model_resumes_exactly(tmp_path):
+    class Regressor(tf_keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden, self.out = tf_keras.layers.Dense(8, "relu"), tf_keras.layers.Dense(1)
+
+        def call(self, x: Any) -> Any:
+            return self.out(self.hidden(x))
+
+    def build() -> Any:
+        model = Regressor()
+        model.compile(optimizer=tf_keras.optimizers.Adam(1e-2), loss="mse")
+        return model
+
+    reference, resumed = interrupted_then_resumed(build, tmp_path)
+    assert_same(weights(resumed), weights(reference))
+
+
+def test_tf_keras_own_callback_in_the_same_fit_is_refused(tmp_path):
+    theirs = tf_keras.callbacks.BackupAndRestore(str(tmp_path / "theirs"))
+    recorder, error = fit(sequential(), tmp_path / "ours", callbacks=[theirs])
+    assert isinstance(error, UnsupportedEnvironmentError), error
+    assert "tf.keras.callbacks.BackupAndRestore" in str(error) and "Keep one of them" in str(error)
+
+
+@pytest.mark.parametrize(("writer", "reader"), [(KerasDriver, TfKerasDriver), (TfKerasDriver, KerasDriver)])
+def test_a_backup_of_the_other_keras_flavour_is_refused_and_kept(tmp_path, writer, reader):
+    backup_dir = tmp_path / "backup"
+    assert writer().fit(writer().new_run(), backup_dir, epochs=4, interrupt=(2, 1)).error is not None
+    files = sorted(p.name for p in backup_dir.rglob("*"))
+    result = reader().fit(reader().new_run(), backup_dir, epochs=4)
+    assert isinstance(result.error, IncompatibleBackupError)
+    assert f"written by {writer.name}" in str(result.error) and f"this training runs {reader.name}" in str(result.error)
+    assert sorted(p.name for p in backup_dir.rglob("*")) == files  # nothing deleted
+
+
+def test_a_tf_keras_script_works_after_swapping_the_import(tmp_path):
+    """A script written for ``tf.keras.callbacks.BackupAndRestore`` (``TF_USE_LEGACY_KERAS=1``), with
+    only the import changed, is interrupted and run again: it resumes and ends like an uninterrupted run."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import numpy as np
+        import tensorflow as tf
+        from keras_impl import BackupAndRestore  # was: BackupAndRestore = tf.keras.callbacks.BackupAndRestore
+
+        class Interrupt(tf.keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if sys.argv[2] == "interrupt" and epoch == 2:
+                    raise RuntimeError("interrupted")
+
+        tf.keras.utils.set_random_seed(0)
+        rs = np.random.RandomState(0)
+        x = rs.normal(size=(64, 4)).astype("float32")
+        y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
+        model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu"), tf.keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        callbacks = [Interrupt(), BackupAndRestore(backup_dir=sys.argv[1], save_freq="epoch", delete_checkpoint=True)]
+        history = model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=callbacks)
+        print("FLAVOUR", type(model).__module__.split(".")[0], "EPOCHS", history.epoch)
+        np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
+    """))
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+
+    def run(backup: str, mode: str, out: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(script), str(tmp_path / backup), mode, str(tmp_path / out)]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+
+    reference = run("reference", "plain", "reference.npy")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert "FLAVOUR tf_keras EPOCHS [0, 1, 2, 3]" in reference.stdout
+    assert run("backup", "interrupt", "unused.npy").returncode != 0
+    assert Slot(tmp_path / "backup").read_manifest().framework == "tf_keras"
+    resumed = run("backup", "plain", "resumed.npy")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "EPOCHS [2, 3]" in resumed.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "reference.npy"))
+    assert not (tmp_path / "backup").exists()
