@@ -206,7 +206,9 @@ class _StartAt:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch: Any, initial_epoch: int, mode: Any = None) -> tuple[int, int]:
+    def maybe_load_initial_counters_from_ckpt(
+        self, steps_per_epoch: Any, initial_epoch: int, mode: Any = None
+    ) -> tuple[int, int]:
         return self.epoch, 0  # step 0: the skipped batches are read by the train-function stand-in
 
 

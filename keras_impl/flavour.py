@@ -130,15 +130,17 @@ class TfKeras(Keras3):
         return [g.state for _, _, g in _private.layer_generators(model) if g is not None]
 
     def rng_problem(self, model: Any) -> str | None:
-        legacy = [name for name, kind, g in _private.layer_generators(model) if g is None and kind != "stateless"]
+        legacy = [
+            name for name, kind, g in _private.layer_generators(model) if g is None and kind != "stateless"
+        ]
         if not legacy:
             return None
         return (
-            f"the layer(s) {', '.join(legacy)} draw from tf_keras's default legacy stateful random ops, whose "
-            "state lives inside TensorFlow's kernels and cannot be saved, so their masks differ from an "
-            "uninterrupted run's after a resume. Create them with rng_type='stateful' (e.g. "
-            "Dropout(0.2, rng_type='stateful')) or call tf.keras.backend.experimental.enable_tf_random_generator() "
-            "before building the model."
+            f"the layer(s) {', '.join(legacy)} draw from tf_keras's default legacy stateful random ops, "
+            "whose state lives inside TensorFlow's kernels and cannot be saved, so their masks differ from "
+            "an uninterrupted run's after a resume. Create them with rng_type='stateful' (e.g. "
+            "Dropout(0.2, rng_type='stateful')) or call "
+            "tf.keras.backend.experimental.enable_tf_random_generator() before building the model."
         )
 
     def inspect_fit_input(self) -> pipeline.InputPipeline:

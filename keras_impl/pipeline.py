@@ -70,7 +70,7 @@ class InputPipeline:
     first_epoch: int = 0
 
     def batches_before(self, epoch: int, backup_seed: int | None, seed: int | None) -> int:
-        """The batches a resumed ``fit`` reads again before it trains ``epoch`` (0 where it would not help)."""
+        """The batches a resumed ``fit`` reads again before it trains ``epoch`` (0 where that cannot help)."""
         if not self.epoch_batches or self.resume_problem(backup_seed, seed) is not None:
             return 0
         return max(0, epoch - self.first_epoch) * self.epoch_batches
@@ -185,7 +185,9 @@ def describe(epoch_iterator: Any) -> InputPipeline:
 def _overrides(dataset: Any, name: str, base: Any = None) -> bool:
     """Whether the dataset's class defines ``name`` itself, rather than inheriting ``base``'s (PyDataset)."""
     if base is None:
-        from keras.utils import PyDataset as base
+        from keras.utils import PyDataset
+
+        base = PyDataset
     return getattr(type(dataset), name) is not getattr(base, name)
 
 
@@ -232,15 +234,16 @@ def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
             return InputPipeline(
                 name,
                 "it defines on_epoch_end(), and what that changes in the Sequence between epochs (e.g. a "
-                "shuffled index) is not in the backup; let fit(shuffle=True) shuffle the batch order instead.",
+                "shuffled index) is not in the backup; let fit(shuffle=True) shuffle the batch order "
+                "instead.",
             )
         return InputPipeline(name)
     if kind == "DatasetAdapter":
         if not adapter.should_recreate_iterator():
             return InputPipeline(
                 f"a tf.data.Dataset with steps_per_epoch={steps}",
-                "fit(steps_per_epoch=...) reads one iterator across epochs, and a resumed fit starts a new one "
-                "at the beginning of the data.",
+                "fit(steps_per_epoch=...) reads one iterator across epochs, and a resumed fit starts a new "
+                "one at the beginning of the data.",
             )
         return _describe_tf_dataset(_private.tf_keras_dataset(adapter))
     if kind == "GeneratorDataAdapter":

@@ -1,4 +1,4 @@
-"""The Keras demo worker on tf_keras: ``python -m keras_impl.tf_keras_demo`` (flags: see :mod:`keras_impl.demo`)."""
+"""The Keras demo worker on tf_keras: ``python -m keras_impl.tf_keras_demo`` (flags: see keras_impl.demo)."""
 
 from __future__ import annotations
 

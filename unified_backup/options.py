@@ -65,8 +65,10 @@ class BackupOptions:
                 "This version writes to local (or locally mounted) folders only; remote URIs are not "
                 "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
             )
-        if save_freq is not False and save_freq != EPOCH and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0
+        if (
+            save_freq is not False
+            and save_freq != EPOCH
+            and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0)
         ):
             raise InvalidArgumentError(
                 f"Invalid value for argument `save_freq`. Received: save_freq={save_freq!r}. "

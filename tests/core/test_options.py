@@ -8,7 +8,8 @@ from unified_backup import BackupOptions, InvalidArgumentError
 @pytest.mark.parametrize("save_freq", [0, -3, "batch", 1.5, True, None])
 def test_bad_save_freq_names_argument_value_and_expectation(tmp_path, save_freq):
     with pytest.raises(
-        InvalidArgumentError, match=r"save_freq.*Received: save_freq=.*Expected 'epoch', a positive integer.*or False"
+        InvalidArgumentError,
+        match=r"save_freq.*Received: save_freq=.*Expected 'epoch', a positive integer.*or False",
     ):
         BackupOptions(tmp_path, save_freq=save_freq)
 

@@ -73,11 +73,13 @@ class Epochs(keras.callbacks.Callback):
 def model(seed):
     init = keras.initializers.GlorotUniform
     with strategy.scope():
-        run = keras.Sequential([
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed)),
-            keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
-        ])
+        run = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed)),
+                keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
+            ]
+        )
         run.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     return run
 

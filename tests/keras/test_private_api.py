@@ -148,3 +148,127 @@ def test_input_adapters_expose_what_the_pipeline_check_reads():
     assert not _private.reshuffles_each_iteration(fixed)
     assert _private.dataset_inputs(fixed) == [source], CHANGED + "Dataset._inputs() is gone"
     assert np.asarray(list(source.take(1))[0][0]).shape == (4,)
+
+
+# -- tf_keras ----------------------------------------------------------------------------------------
+
+TF_KERAS_CHANGED = "CHANGED: tf_keras changed an internal that keras_impl/_private.py uses: "
+
+
+def tf_keras_fit(model: Any, at_begin: Any, epochs: int = 2, x: Any = None, **kwargs: Any) -> Any:
+    """Fit a tf_keras model with a probe that runs ``at_begin(callback)`` in ``on_train_begin``."""
+    import tf_keras
+
+    class TfKerasProbe(Probe, tf_keras.callbacks.Callback):
+        pass
+
+    probe = TfKerasProbe(at_begin)
+    inputs = {"x": x} if x is not None else dict(zip(("x", "y"), data(), strict=True)) | {"batch_size": BATCH}
+    model.fit(**inputs, epochs=epochs, verbose=0, callbacks=[probe], **kwargs)
+    return probe
+
+
+def tf_keras_model(**dropout: Any) -> Any:
+    pytest.importorskip("tf_keras")
+    from tests.conformance.keras_driver import TfKerasDriver
+
+    return TfKerasDriver().new_run(dropout=0.2 if dropout else 0.0).model
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_asks_every_callback_for_the_hooks_it_implements():
+    import tf_keras
+
+    for name in (
+        "_implements_train_batch_hooks",
+        "_implements_test_batch_hooks",
+        "_implements_predict_batch_hooks",
+    ):
+        assert hasattr(tf_keras.callbacks.Callback, name), TF_KERAS_CHANGED + f"Callback.{name} is gone"
+        assert hasattr(_private.TfKerasHooks, name)
+    assert hasattr(tf_keras.callbacks.Callback(), "_supports_tf_logs"), TF_KERAS_CHANGED + "_supports_tf_logs"
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_fit_starts_where_the_training_state_says_and_forgets_it():
+    model = tf_keras_model()
+    probe = tf_keras_fit(model, lambda cb: _private.set_tf_keras_initial_epoch(cb.model, 2), epochs=4)
+    assert probe.epochs == [2, 3], TF_KERAS_CHANGED + "fit no longer asks model._training_state for its start"
+    assert _private.tf_keras_started_here(model)
+    _private.set_tf_keras_initial_epoch(model, None)
+    assert tf_keras_fit(model, None, epochs=1).epochs == [0], TF_KERAS_CHANGED + "_training_state=None"
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_reads_the_train_function_at_every_step():
+    calls: list[int] = []
+
+    def wrap(callback: Probe) -> None:
+        original = _private.train_function(callback.model)
+        _private.set_train_function(callback.model, lambda iterator: calls.append(1) or original(iterator))
+
+    tf_keras_fit(tf_keras_model(), wrap, epochs=1)
+    assert len(calls) == STEPS, TF_KERAS_CHANGED + "fit no longer calls model.train_function once per step"
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_data_handler_exposes_what_the_pipeline_check_reads():
+    import tf_keras
+
+    def look(callback: Probe) -> Any:
+        handler, args = _private.fit_data_handler()
+        assert handler is not None, TF_KERAS_CHANGED + "fit has no 'data_handler' local with an _adapter"
+        adapter = _private.handler_adapter(handler)
+        return type(adapter).__name__, adapter, handler, args
+
+    kind, adapter, handler, args = tf_keras_fit(
+        tf_keras_model(), look, epochs=1, shuffle=True, initial_epoch=0
+    ).found
+    assert kind == "TensorLikeDataAdapter" and _private.tensor_like_shuffle(adapter) is True
+    assert _private.handler_first_epoch(handler) == 0 and "workers" in args
+    assert _private.handler_element_spec(handler) is not None, TF_KERAS_CHANGED + "DataHandler._dataset"
+
+    class Batches(tf_keras.utils.Sequence):
+        def __len__(self) -> int:
+            return STEPS
+
+        def __getitem__(self, index: int) -> Any:
+            x, y = data()
+            return x[index * BATCH : (index + 1) * BATCH], y[index * BATCH : (index + 1) * BATCH]
+
+    sequence = Batches()
+    kind, adapter, _, _ = tf_keras_fit(tf_keras_model(), look, epochs=1, x=sequence, shuffle=True).found
+    assert kind == "KerasSequenceAdapter" and _private.sequence_of(adapter) == (sequence, True)
+    dataset = tf.data.Dataset.from_tensor_slices(data()).batch(BATCH)
+    kind, adapter, _, _ = tf_keras_fit(tf_keras_model(), look, epochs=1, x=dataset).found
+    assert kind == "DatasetAdapter" and _private.tf_keras_dataset(adapter) is dataset
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_layer_generators_and_optimizer_slots_are_reachable():
+    import tf_keras
+
+    model = tf_keras.Sequential([
+        tf_keras.Input((4,)), tf_keras.layers.Dropout(0.2, rng_type="stateful", name="stateful"),
+        tf_keras.layers.Dropout(0.2, name="legacy"), tf_keras.layers.Dense(1),
+    ])  # fmt: skip
+    found = {name: (kind, generator) for name, kind, generator in _private.layer_generators(model)}
+    assert found["stateful"][0] == "stateful" and isinstance(found["stateful"][1], tf.random.Generator), (
+        TF_KERAS_CHANGED + "Layer._random_generator._generator is gone"
+    )
+    assert found["legacy"] == ("legacy_stateful", None)
+    optimizer = tf_keras.optimizers.legacy.Adam()
+    _private.build_legacy_optimizer(optimizer, model.trainable_variables)
+    assert len(optimizer.variables()) == 1 + 2 * len(model.trainable_variables), (
+        TF_KERAS_CHANGED + "OptimizerV2._create_all_weights no longer makes the slots"
+    )
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_compiled_metrics_are_built_from_one_batchs_structure():
+    model = tf_keras_model()
+    assert not _private.tf_keras_compiled_metrics_built(model)
+    spec = tuple(tf.TensorSpec((None, *a.shape[1:]), tf.float32) for a in data())
+    _private.build_tf_keras_compiled_metrics(model, spec)
+    assert _private.tf_keras_compiled_metrics_built(model), TF_KERAS_CHANGED + "compiled_loss.build(y_pred)"
+    assert [m.name for m in model.metrics] == ["loss"]

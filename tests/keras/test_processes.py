@@ -35,7 +35,7 @@ def test_mirrored_strategy_interrupted_then_resumed_equals_uninterrupted(flavour
     done = run_python(["-m", "tests.keras.mirrored_worker", flavour])
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     assert result["replicas"] == 2
     assert result["epoch"]["counters"] == [2, 0, 16]
     assert result["steps"]["counters"] == [2, 5, 21]  # save_freq=3, interrupted before batch 6 of epoch 2
@@ -96,8 +96,12 @@ def test_another_keras_backend_is_refused():
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=dict(ENV, KERAS_BACKEND="torch"),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(ENV, KERAS_BACKEND="torch"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused:" in done.stdout and "'torch'" in done.stdout
@@ -140,8 +144,18 @@ def test_sigkill_inside_an_epoch_of_a_reshuffled_dropout_run_resumes_bit_identic
     args = ["--epochs", "4", "--shuffle", "--dropout", "0.2", "--save-freq", "5"]
 
     def argv(backup_dir: Path, out: Path, sleep: float) -> list[str]:
-        return [sys.executable, "-m", "keras_impl.demo", "--backup-dir", str(backup_dir), "--out", str(out),
-                "--batch-sleep", str(sleep), *args]
+        return [
+            sys.executable,
+            "-m",
+            "keras_impl.demo",
+            "--backup-dir",
+            str(backup_dir),
+            "--out",
+            str(out),
+            "--batch-sleep",
+            str(sleep),
+            *args,
+        ]
 
     reference = Worker(argv(tmp_path / "reference", tmp_path / "reference.json", 0.0))
     assert reference.finish(180) == 0, reference.failure()

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 Interrupt, EpochRecorder = callbacks_of(tf_keras)
 
 
-def fit(model: Any, backup_dir: Path | None, *, epochs: int = 4, interrupt: Any = None, seed: int = 0,
-        save_freq: Any = "epoch", callbacks: list[Any] = (), **fit_args: Any) -> tuple[Any, BaseException | None]:  # fmt: skip
+def fit(
+    model: Any,
+    backup_dir: Path | None,
+    *,
+    epochs: int = 4,
+    interrupt: Any = None,
+    seed: int = 0,
+    save_freq: Any = "epoch",
+    callbacks: Sequence[Any] = (),
+    **fit_args: Any,
+) -> tuple[Any, BaseException | None]:
     """Fit on the standard data; return the epoch recorder and the error ``fit`` raised (None if none)."""
     recorder = EpochRecorder()
     extra: list[Any] = [recorder, *callbacks]
@@ -128,7 +138,9 @@ def test_stateful_dropout_resumes_exactly_and_legacy_dropout_is_said_not_to(tmp_
 
 def test_legacy_optimizer_resumes_exactly(tmp_path):
     def build() -> Any:
-        model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(8, "relu"), tf_keras.layers.Dense(1)])
+        model = tf_keras.Sequential(
+            [tf_keras.Input((4,)), tf_keras.layers.Dense(8, "relu"), tf_keras.layers.Dense(1)]
+        )
         model.compile(optimizer=tf_keras.optimizers.legacy.Adam(1e-2), loss="mse")
         return model
 
@@ -170,7 +182,8 @@ def test_a_backup_of_the_other_keras_flavour_is_refused_and_kept(tmp_path, write
     files = sorted(p.name for p in backup_dir.rglob("*"))
     result = reader().fit(reader().new_run(), backup_dir, epochs=4)
     assert isinstance(result.error, IncompatibleBackupError)
-    assert f"written by {writer.name}" in str(result.error) and f"this training runs {reader.name}" in str(result.error)
+    message = str(result.error)
+    assert f"written by {writer.name}" in message and f"this training runs {reader.name}" in message
     assert sorted(p.name for p in backup_dir.rglob("*")) == files  # nothing deleted
 
 
@@ -178,7 +191,8 @@ def test_a_tf_keras_script_works_after_swapping_the_import(tmp_path):
     """A script written for ``tf.keras.callbacks.BackupAndRestore`` (``TF_USE_LEGACY_KERAS=1``), with
     only the import changed, is interrupted and run again: it resumes and ends like an uninterrupted run."""
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         import numpy as np
         import tensorflow as tf
@@ -195,11 +209,13 @@ def test_a_tf_keras_script_works_after_swapping_the_import(tmp_path):
         y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
         model = tf.keras.Sequential([tf.keras.layers.Dense(8, activation="relu"), tf.keras.layers.Dense(1)])
         model.compile(optimizer="adam", loss="mse")
-        callbacks = [Interrupt(), BackupAndRestore(backup_dir=sys.argv[1], save_freq="epoch", delete_checkpoint=True)]
+        backup = BackupAndRestore(backup_dir=sys.argv[1], save_freq="epoch", delete_checkpoint=True)
+        callbacks = [Interrupt(), backup]
         history = model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=callbacks)
         print("FLAVOUR", type(model).__module__.split(".")[0], "EPOCHS", history.epoch)
         np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
-    """))
+    """)
+    )
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
 
     def run(backup: str, mode: str, out: str) -> subprocess.CompletedProcess[str]:
