@@ -8,6 +8,7 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.keras
+@pytest.mark.tf_keras
 @pytest.mark.lightning
 def test_demo_kills_resumes_and_matches(tmp_path):
     result = subprocess.run(
@@ -30,7 +31,7 @@ def test_demo_kills_resumes_and_matches(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for framework in ("keras", "lightning"):
+    for framework in ("keras", "tf_keras", "lightning"):
         assert f"{framework}: 2 SIGKILL(s)" in result.stdout
-    assert result.stdout.count("final weights equal to the uninterrupted run: yes") == 2
-    assert result.stdout.count("backup_dir after success: removed") == 2
+    assert result.stdout.count("final weights equal to the uninterrupted run: yes") == 3
+    assert result.stdout.count("backup_dir after success: removed") == 3

@@ -36,3 +36,11 @@ def test_nothing_committed_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "holds no committed backup" in result.stderr
     result = cli("verify", str(tmp_path / "missing"))
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_the_demo_offers_every_worker_and_runs_all_by_default():
+    from unified_backup import cli, demo
+
+    assert set(cli.FRAMEWORKS) == set(demo.WORKERS)
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.frameworks == ["keras", "tf_keras", "lightning"]
