@@ -190,7 +190,7 @@ def campaign(framework: str, args: argparse.Namespace, rng: random.Random, root:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frameworks", nargs="+", default=["keras", "lightning"], choices=sorted(WORKERS))
+    parser.add_argument("--frameworks", nargs="+", default=list(WORKERS), choices=sorted(WORKERS))
     parser.add_argument("--trials", type=int, default=200, help="SIGKILLs per adapter")
     parser.add_argument("--state-mb", type=float, default=100.0, help="size of weights + optimizer state")
     parser.add_argument("--epochs", type=int, default=3)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.keras
+@pytest.mark.tf_keras
 @pytest.mark.lightning
 @pytest.mark.parametrize("keep_previous", [False, True], ids=["one-slot", "keep-previous"])
 def test_small_campaign_resumes_every_kill_from_the_newest_backup(tmp_path, keep_previous):
