@@ -113,6 +113,12 @@ def fit_frames(callback: Any, start: FrameType | None) -> list[FrameType]:
     return found
 
 
+def fit_callbacks(callback: Any) -> list[Any]:
+    """The callbacks of the ``fit`` that is calling the caller with ``callback`` ([] without a ``fit``)."""
+    frames = fit_frames(callback, sys._getframe(1))
+    return list(frames[0].f_locals["callbacks"].callbacks) if frames else []
+
+
 def fit_code(callback: Any) -> CodeType | None:
     """The code of the ``fit`` that is calling the caller with ``callback``, or None (no ``fit``)."""
     frames = fit_frames(callback, sys._getframe(1))
@@ -231,6 +237,21 @@ def tf_keras_started_here(model: Any) -> bool:
     """Whether ``model._training_state`` is ours (or empty), not tf_keras's own callback's."""
     state = tf_keras_training_state(model)
     return state is None or isinstance(state, _StartAt)
+
+
+def per_replica_spec(spec: Any) -> Any:
+    """One replica's part of a distributed dataset's element spec (``PerReplicaSpec`` has no shape)."""
+
+    def one(part: Any) -> Any:
+        return part._value_specs[0] if type(part).__name__ == "PerReplicaSpec" else part
+
+    return tf_nest().map_structure(one, spec)
+
+
+def tf_nest() -> Any:
+    import tensorflow as tf
+
+    return tf.nest
 
 
 def fit_data_handler(max_depth: int = 16) -> tuple[Any, dict[str, Any]]:

@@ -53,9 +53,9 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         signals = self._options.preemption_signals
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
-        resume.clear(self.model)  # left by a fit that raised
         kind = flavour.of(self.model)
-        kind.check_alone(self.model)
+        kind.check_alone(self.model, _private.fit_callbacks(self))
+        resume.clear(self.model)  # left by a fit that raised
         state = KerasTrainingState(self.model, kind)
         self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
         opened = self._lifecycle.open(state)

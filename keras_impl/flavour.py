@@ -27,6 +27,7 @@ class Keras3:
 
     name = "keras"
     label = "Keras 3"
+    own_callback_name = "keras.callbacks.BackupAndRestore"
 
     @property
     def version(self) -> str:
@@ -35,8 +36,17 @@ class Keras3:
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
         _private.set_initial_epoch(model, epoch)
 
-    def check_alone(self, model: Any) -> None:
-        """Refuse a fit where the framework's own backup callback also restores the model."""
+    def own_callback(self) -> type:
+        """The framework's own ``BackupAndRestore``, which must not run in the same ``fit``."""
+        return keras.callbacks.BackupAndRestore
+
+    def check_alone(self, model: Any, callbacks: list[Any] | None = None) -> None:
+        """Refuse a fit whose callbacks include the framework's own ``BackupAndRestore``."""
+        if any(isinstance(cb, self.own_callback()) for cb in callbacks or ()):
+            raise UnsupportedEnvironmentError(
+                f"{self.label}'s own BackupAndRestore ({self.own_callback_name}) is in the same fit as "
+                "unified-backup's: both would restore and back up the model. Keep one of them in callbacks."
+            )
 
     def path(self, variable: Any, model: Any) -> str:
         """The variable's name as the fingerprint keys it."""
@@ -84,6 +94,7 @@ class TfKeras(Keras3):
 
     name = "tf_keras"
     label = "tf_keras"
+    own_callback_name = "tf.keras.callbacks.BackupAndRestore"
 
     @property
     def version(self) -> str:
@@ -92,17 +103,18 @@ class TfKeras(Keras3):
         return f"{tf_keras.__version__} (tensorflow {tf.__version__})"
 
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
-        if epoch is not None:
-            self.check_alone(model)
-        if _private.tf_keras_started_here(model):  # never undo what tf_keras's own callback set
-            _private.set_tf_keras_initial_epoch(model, epoch)
+        _private.set_tf_keras_initial_epoch(model, epoch)
 
-    def check_alone(self, model: Any) -> None:
+    def own_callback(self) -> type:
+        import tf_keras
+
+        return tf_keras.callbacks.BackupAndRestore
+
+    def check_alone(self, model: Any, callbacks: list[Any] | None = None) -> None:
+        super().check_alone(model, callbacks)
+        # Left by tf_keras's own callback in a fit that raised; ``fit`` would resume from it.
         if not _private.tf_keras_started_here(model):
-            raise UnsupportedEnvironmentError(
-                "tf_keras's own BackupAndRestore (tf.keras.callbacks.BackupAndRestore) is in the same fit as "
-                "unified-backup's: both would restore and back up the model. Keep one of them in callbacks."
-            )
+            _private.set_tf_keras_initial_epoch(model, None)
 
     def path(self, variable: Any, model: Any) -> str:
         """``v.name`` without ":0" and without the model's own name scope, which tf_keras adds to a
@@ -113,7 +125,9 @@ class TfKeras(Keras3):
         return re.sub(rf"(^|/){re.escape(model.name)}/", r"\1", name)
 
     def optimizer_name(self, optimizer: Any) -> str:
-        return str(optimizer.get_config()["name"])  # a legacy optimizer has no ``name``
+        # A legacy optimizer has no ``name``; a LossScaleOptimizer's config has none.
+        name = getattr(optimizer, "name", None) or optimizer.get_config().get("name")
+        return str(name or type(optimizer).__name__)
 
     def optimizer_variables(self, optimizer: Any) -> list[Any]:
         found = optimizer.variables
@@ -147,13 +161,16 @@ class TfKeras(Keras3):
         return pipeline.inspect_tf_keras_fit_input()
 
     def build_from_spec(self, model: Any, element_spec: Any) -> None:
+        """Build the model (by ``model.build``, else by calling it on zeros) and its compiled metrics
+        from one batch's structure, as the first step would."""
+        element_spec = _private.per_replica_spec(element_spec)
         inputs = element_spec[0] if isinstance(element_spec, tuple) else element_spec
         if not model.built:
-            model.build(tf.nest.map_structure(lambda spec: spec.shape, inputs))
+            _build(model, inputs)
         if isinstance(element_spec, tuple) and len(element_spec) > 1:
             try:
                 _private.build_tf_keras_compiled_metrics(model, element_spec)
-            except (ValueError, TypeError):  # the batch's shapes are unknown: the first step makes them
+            except Exception:  # noqa: BLE001 - e.g. unknown shapes: the first step makes them
                 pass
 
     def compiled_metrics_built(self, model: Any) -> bool:
@@ -165,6 +182,26 @@ class TfKeras(Keras3):
             optimizer.build(model.trainable_variables)  # does nothing once built
         else:  # a tf_keras.optimizers.legacy optimizer
             _private.build_legacy_optimizer(optimizer, model.trainable_variables)
+
+
+def _build(model: Any, inputs: Any) -> None:
+    """Build an unbuilt tf_keras model from its inputs' specs, or say how to build it before ``fit``."""
+    try:
+        model.build(tf.nest.map_structure(lambda spec: spec.shape, inputs))
+        return
+    except Exception:  # noqa: BLE001 - e.g. inputs that are not float tensors: try a call instead
+        pass
+    try:
+        zeros = tf.nest.map_structure(
+            lambda spec: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype), inputs
+        )
+        model(zeros, training=False)
+    except Exception as exc:  # noqa: BLE001 - reported with what to do
+        raise UnsupportedEnvironmentError(
+            f"BackupAndRestore found a backup to restore, but could not build the tf_keras model "
+            f"{model.name!r} before its first step ({type(exc).__name__}: {exc}). Build it before fit "
+            "(model.build(input_shape), or call it once on a batch); the backup is kept."
+        ) from exc
 
 
 KERAS3 = Keras3()

@@ -114,7 +114,6 @@ class Resume:
         return skip
 
     def epoch_begin(self, epoch: int) -> None:
-        self.flavour.check_alone(self.model)
         self.flavour.set_initial_epoch(self.model, None)
         resumed = self._resumed_start is not None and epoch == self.epoch
         self._epoch_start = self._resumed_start if resumed else self.state.position  # type: ignore[assignment]
@@ -186,9 +185,26 @@ class _FirstSteps:
         self.remaining -= skipped
         if self.remaining <= 0:
             _FirstSteps.remove(self.model)
-        if skipped < per_call:
-            return self.original(iterator)
+        if skipped < per_call:  # the rest of this call's batches are trained
+            return self._train_part(iterator, per_call - skipped)
         return self.model.get_metrics_result()
+
+    def _train_part(self, iterator: Any, batches: int) -> Any:
+        """Train the next ``batches`` (fewer than ``steps_per_execution``) in one call.
+
+        Keras 3 reads until its input ends inside a call; tf_keras's multi-step function would raise
+        at the input's end and end ``fit`` early, so its step count is set for this call, as tf_keras
+        does itself for an epoch's last, shorter call.
+        """
+        count = self.model.steps_per_execution
+        if not hasattr(count, "assign"):  # Keras 3
+            return self.original(iterator)
+        original = int(count.numpy())
+        count.assign(batches)
+        try:
+            return self.original(iterator)
+        finally:
+            count.assign(original)
 
     @staticmethod
     def remove(model: keras.Model) -> None:

@@ -235,9 +235,17 @@ class Slot:
         Only a folder the library made is ever removed (by :meth:`prune`); one that existed before
         ``fit``, even empty, stays.
         """
-        if not self.directory.exists():
+        if self.directory.exists():
+            return
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / CREATED_NAME).touch()
+        except OSError as exc:
+            raise BackupWriteError(
+                exc.errno,
+                f"Cannot create backup_dir {self.directory} ({exc}). Expected a folder this process can "
+                "create and write to; fix the permissions of its parent or choose another folder.",
+            ) from exc
 
     def prune(self) -> None:
         """Remove ``backup_dir`` itself if the library made it and nothing else (no user file, no

@@ -70,17 +70,16 @@ class Epochs(keras.callbacks.Callback):
         self.losses[epoch] = float(logs["loss"])
 
 
-def model(seed):
+def model(seed, unbuilt=False):
+    """The MLP; ``unbuilt``: without an Input (built in fit) and with a compiled metric besides the loss."""
     init = keras.initializers.GlorotUniform
     with strategy.scope():
-        run = keras.Sequential(
-            [
-                keras.Input((4,)),
-                keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed)),
-                keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
-            ]
-        )
-        run.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+        layers = [
+            keras.layers.Dense(8, activation="relu", kernel_initializer=init(seed)),
+            keras.layers.Dense(1, kernel_initializer=init(seed + 1000)),
+        ]
+        run = keras.Sequential(layers if unbuilt else [keras.Input((4,)), *layers])
+        run.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"] if unbuilt else None)
     return run
 
 
@@ -95,17 +94,17 @@ def flat(run):
     return np.concatenate([w.ravel() for w in run.get_weights()])
 
 
-def scenario(root: Path, save_freq, at, preempt=False):
-    backup_dir = root / f"backup-{save_freq}-{preempt}"
+def scenario(root: Path, save_freq, at, preempt=False, unbuilt=False):
+    backup_dir = root / f"backup-{save_freq}-{preempt}-{unbuilt}"
     callback = BackupAndRestore(backup_dir, save_freq=save_freq, save_before_preemption=preempt)
     try:
-        fit(model(0), [Preempt(at) if preempt else Interrupt(at), callback])
+        fit(model(0, unbuilt), [Preempt(at) if preempt else Interrupt(at), callback])
     except TrainingPreempted:  # it has released the folder and the SIGTERM handler
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     except RuntimeError:
         callback.release()
     manifest = Slot(backup_dir).read_manifest()
-    resumed = model(1)
+    resumed = model(1, unbuilt)
     epochs = fit(resumed, [BackupAndRestore(backup_dir, save_freq=save_freq)])
     return {
         "counters": [manifest.epoch, manifest.step_in_epoch, manifest.global_step],
@@ -128,6 +127,7 @@ def main() -> None:
             "epoch": scenario(Path(root), "epoch", (2, 3)),
             "steps": scenario(Path(root), 3, (2, 6)),
             "preempted": scenario(Path(root), "epoch", (1, 4), preempt=True),  # SIGTERM after batch 4
+            "unbuilt": scenario(Path(root), 3, (2, 6), unbuilt=True),
         }
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
 

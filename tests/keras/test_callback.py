@@ -22,6 +22,7 @@ from unified_backup import (
     Position,
     SingleProcess,
     Slot,
+    UnsupportedEnvironmentError,
 )
 
 pytestmark = pytest.mark.keras
@@ -324,3 +325,10 @@ def test_release_after_a_fit_that_raised_frees_the_folder_for_another_process(tm
     assert other_process() == "locked"
     assert manifest_counters(tmp_path / "b") == (2, 0, 2 * STEPS)  # the backup stays
     Slot(tmp_path / "b").verify(Slot(tmp_path / "b").read_manifest())
+
+
+def test_keras_own_backup_callback_in_the_same_fit_is_refused(tmp_path):
+    theirs = keras.callbacks.BackupAndRestore(str(tmp_path / "theirs"))
+    with pytest.raises(UnsupportedEnvironmentError, match=r"keras\.callbacks\.BackupAndRestore.*Keep one"):
+        fit(driver.new_run().model, [BackupAndRestore(tmp_path / "ours"), theirs])
+    assert not (tmp_path / "ours").exists() and not (tmp_path / "theirs").exists()

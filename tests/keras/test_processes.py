@@ -47,6 +47,10 @@ def test_mirrored_strategy_interrupted_then_resumed_equals_uninterrupted(flavour
         np.testing.assert_array_equal(outcome["weights"], result["reference"])
         # The resumed epoch's mean loss still counts the batches before the backup (per-replica metric state).
         assert outcome["losses"] == {e: result["reference_losses"][e] for e in epochs}
+    # Built in fit, with a compiled metric: restored inside an epoch all the same.
+    assert result["unbuilt"]["counters"] == [2, 5, 21] and not result["unbuilt"]["left"]
+    assert result["unbuilt"]["epochs_run"] == [2, 3] and result["unbuilt"]["iterations"] == 32
+    np.testing.assert_array_equal(result["unbuilt"]["weights"], result["reference"])
 
 
 def test_disabled_eager_execution_is_refused():

@@ -168,11 +168,56 @@ def test_an_unbuilt_subclassed_model_resumes_exactly(tmp_path):
     assert_same(weights(resumed), weights(reference))
 
 
-def test_tf_keras_own_callback_in_the_same_fit_is_refused(tmp_path):
+@pytest.mark.parametrize("theirs_first", [True, False], ids=["theirs-first", "ours-first"])
+def test_tf_keras_own_callback_in_the_same_fit_is_refused(tmp_path, theirs_first):
     theirs = tf_keras.callbacks.BackupAndRestore(str(tmp_path / "theirs"))
-    recorder, error = fit(sequential(), tmp_path / "ours", callbacks=[theirs])
-    assert isinstance(error, UnsupportedEnvironmentError), error
-    assert "tf.keras.callbacks.BackupAndRestore" in str(error) and "Keep one of them" in str(error)
+    model, ours = sequential(), BackupAndRestore(tmp_path / "ours")
+    x, y = data()
+    refused = r"tf\.keras\.callbacks\.BackupAndRestore.*Keep one"
+    with pytest.raises(UnsupportedEnvironmentError, match=refused):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[theirs, ours] if theirs_first else [ours, theirs])
+    assert not (tmp_path / "theirs").exists()  # refused before either callback backed up
+
+
+def test_what_tf_keras_own_callback_left_on_the_model_does_not_stop_a_later_fit(tmp_path):
+    model = sequential()
+    theirs = tf_keras.callbacks.BackupAndRestore(str(tmp_path / "theirs"))
+    assert fit(model, None, interrupt=(1, 2), callbacks=[theirs])[1] is not None  # leaves its state
+    recorder, error = fit(model, tmp_path / "ours", epochs=2)
+    assert error is None and recorder.epochs == [0, 1]
+
+
+def test_a_loss_scale_optimizer_resumes_exactly(tmp_path):
+    def build() -> Any:
+        layers = [tf_keras.Input((4,)), tf_keras.layers.Dense(8, "relu"), tf_keras.layers.Dense(1)]
+        model = tf_keras.Sequential(layers)
+        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.Adam(1e-2))
+        model.compile(optimizer=optimizer, loss="mse")
+        return model
+
+    reference, resumed = interrupted_then_resumed(build, tmp_path)
+    assert_same(weights(resumed), weights(reference))
+
+
+def test_changed_steps_per_execution_still_trains_each_batch_once(tmp_path):
+    """Backed up at step 10 with steps_per_execution=1, resumed with 4: the resumed fit skips 2 batches
+    and trains the other 2 of its first call (tf_keras would otherwise end fit at the input's end)."""
+
+    def build(per_call: int) -> Any:
+        model = model_of(sequential, 100)
+        model.compile(optimizer=tf_keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=per_call)
+        return model
+
+    control = build(1)
+    assert fit(control, None, shuffle=False)[1] is None
+    backup_dir = tmp_path / "backup"
+    assert fit(build(1), backup_dir, interrupt=(1, 5), save_freq=5, shuffle=False)[1] is not None
+    resumed = build(4)
+    recorder, error = fit(resumed, backup_dir, save_freq=5, shuffle=False)
+    assert error is None and recorder.epochs == [1, 2, 3]
+    assert int(resumed.optimizer.iterations.numpy()) == 32  # every batch trained once
+    for a, e in zip(weights(resumed), weights(control), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(("writer", "reader"), [(KerasDriver, TfKerasDriver), (TfKerasDriver, KerasDriver)])
