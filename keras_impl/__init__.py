@@ -1,6 +1,8 @@
-"""unified-backup for Keras 3 on the TensorFlow backend: ``BackupAndRestore``.
+"""unified-backup for Keras on TensorFlow, Keras 3 and tf_keras alike: ``BackupAndRestore``.
 
-``model.fit(x, y, epochs=10, callbacks=[BackupAndRestore("backup/")])`` resumes by itself after a crash.
+``model.fit(x, y, epochs=10, callbacks=[BackupAndRestore("backup/")])`` resumes by itself after a crash;
+the model tells which Keras it is (a ``tf_keras.Model``, also ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``,
+or a Keras 3 ``keras.Model``).
 """
 
 from __future__ import annotations
