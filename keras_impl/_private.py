@@ -189,10 +189,11 @@ class TfKerasHooks:
     """What tf_keras's ``CallbackList`` asks of every callback besides the ``on_*`` hooks.
 
     tf_keras calls these on each callback (Keras 3's ``Callback`` has none of them): the batch
-    hooks are called for this callback, and it wants its logs as numpy values.
+    hooks are called for this callback, and it takes the logs as tensors (it never reads them, so
+    tf_keras need not copy them to numpy after every batch for it).
     """
 
-    _supports_tf_logs = False
+    _supports_tf_logs = True
     _chief_worker_only = False
 
     def _implements_train_batch_hooks(self) -> bool:
