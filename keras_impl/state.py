@@ -284,5 +284,10 @@ def _require_single_worker(model: keras.Model, flavour: Keras3) -> None:
         raise UnsupportedEnvironmentError(
             f"BackupAndRestore for {flavour.label} supports single-process training (no strategy, "
             f"MirroredStrategy, OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. "
-            "Multi-worker strategies are not supported yet; train in one process per backup_dir."
+            + (
+                "Keras 3's fit does not train under multi-worker strategies (keras-team/keras#20585); "
+                if flavour.name == "keras"
+                else "Multi-worker strategies are not supported for tf_keras yet; "
+            )
+            + "train in one process per backup_dir."
         )
