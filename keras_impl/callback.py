@@ -6,7 +6,7 @@ Hook -> lifecycle::
 
     on_train_begin      open: lock and verify; restore now, or at the first step when only that step
                         can build the model (see resume.py); install the preemption watch
-    on_epoch_begin      note where the epoch begins (optimizer steps, batches, host RNG states)
+    on_epoch_begin      note where the epoch begins (optimizer steps, batches)
     on_train_batch_end  boundary(step): a backup every save_freq=N optimizer steps; a preemption stop
     on_epoch_end        boundary(epoch end): the backup of save_freq="epoch"; a preemption stop;
                         note the host RNG states the next epoch's input will draw from

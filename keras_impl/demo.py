@@ -2,7 +2,7 @@
 
 ``python -m keras_impl.demo`` trains with Keras 3, ``python -m keras_impl.tf_keras_demo`` with tf_keras;
 both take ``--backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
-[--batch-sleep 0.0] [--save-freq epoch|N] [--shuffle] [--dropout RATE] [--hidden 16]
+[--batch-sleep 0.0] [--save-freq epoch|N|false] [--shuffle] [--dropout RATE] [--hidden 16]
 [--save-before-preemption [SIGNAL ...]] [--keep-previous] [--mirrored]``
 
 Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json

@@ -16,7 +16,7 @@ next draw of one shuffle): a resumed ``fit`` reads the epochs before the resumed
 training, so that the iterator stands where the uninterrupted run's stood. Its exact inputs are
 
 - numpy arrays or tensors (any ``shuffle``; shuffled only with the same TensorFlow global seed);
-- a ``keras.utils.Sequence`` read by one worker (``fit(shuffle=True)`` draws its batch order from
+- a ``tf_keras.utils.Sequence`` read by one worker (``fit(shuffle=True)`` draws its batch order from
   Python's ``random``), with no ``on_epoch_end``;
 - a ``tf.data.Dataset``, as for Keras 3.
 
@@ -114,7 +114,7 @@ class InputPipeline:
 
 EXACT_INPUTS = (
     "For an exact resume, feed numpy arrays (with shuffle=True, seed every run alike with "
-    "keras.utils.set_random_seed), a keras.utils.PyDataset (tf_keras: keras.utils.Sequence) read by one "
+    "keras.utils.set_random_seed), a keras.utils.PyDataset (tf_keras: a Sequence) read by one "
     "worker that draws its order in on_epoch_begin (tf_keras: fit(shuffle=True)), or a tf.data.Dataset "
     "that does not reshuffle (README: 'Exact resume')."
 )
@@ -220,7 +220,7 @@ def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
         )
     if kind == "KerasSequenceAdapter":
         sequence, shuffled = _private.sequence_of(adapter)
-        name = f"a keras.utils.Sequence ({type(sequence).__name__}, shuffle={shuffled})"
+        name = f"a tf_keras Sequence ({type(sequence).__name__}, shuffle={shuffled})"
         workers, processes = fit_args.get("workers", 1), fit_args.get("use_multiprocessing", False)
         if workers > 1 or (workers > 0 and processes):
             return InputPipeline(

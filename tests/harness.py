@@ -29,7 +29,7 @@ def worker_argv(
     hidden: int | None = None,
     keep_previous: bool = False,
 ) -> list[str]:
-    """The demo's worker argv (``python -m <adapter>.demo``) with the tests' flags, the same for both.
+    """The demo's worker argv (``python -m <module>``) with the tests' flags, the same for every adapter.
 
     ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
     ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);

@@ -1,6 +1,7 @@
-"""The demo: train in Keras and Lightning, SIGKILL the training several times, resume, compare.
+"""The demo: train in Keras 3, tf_keras and Lightning, SIGKILL the training several times, resume, compare.
 
-Each framework's worker (``python -m keras_impl.demo`` / ``python -m lightning_impl.demo``) trains
+Each framework's worker (``python -m keras_impl.demo``, ``keras_impl.tf_keras_demo``, ``lightning_impl.demo``,
+see ``WORKERS``) trains
 a small model with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines. The demo runs it
 once uninterrupted as the reference, then again, killing it with a real SIGKILL at random instants
 and restarting it until it finishes, and compares the final weights.
@@ -151,7 +152,7 @@ def callback_options(args: argparse.Namespace) -> dict[str, Any]:
 def worker_argv(
     framework: str, backup_dir: Path, out: Path, *, epochs: int, batch_sleep: float = 0.0
 ) -> list[str]:
-    """argv of a framework's demo worker (``python -m <adapter>.demo``)."""
+    """argv of a framework's demo worker (``python -m <module>``, the module ``WORKERS`` names)."""
     module = WORKERS[framework][0]
     return [
         sys.executable, "-m", module, "--backup-dir", str(backup_dir), "--out", str(out),

@@ -1,7 +1,7 @@
 """The per-framework driver that the conformance scenarios run against.
 
-Each adapter supplies one ``Driver`` (``keras_driver.py``, ``lightning_driver.py``); scenarios in
-``test_contract.py`` are written once against this interface and assert the same outcome for both.
+Each adapter supplies one ``Driver`` (``keras_driver.py``: Keras 3 and tf_keras; ``lightning_driver.py``);
+scenarios in ``test_*.py`` are written once against this interface and assert the same outcome for all.
 
 The standard run: a small deterministic MLP (4 inputs -> ``width`` hidden, ReLU -> 1 output) on
 fixed synthetic regression data (64 samples, batch 8, so 8 optimizer steps per epoch), no
@@ -103,7 +103,7 @@ class Driver(Protocol):
         save_freq: str | int = "epoch",
         exact: bool = False,
     ) -> list[str]:
-        """argv of this adapter's demo worker (``python -m <adapter>.demo ...``), see README.
+        """argv of this adapter's demo worker (``python -m <module> ...``), see README.
 
         ``exact=True`` adds ``--shuffle --dropout 0.2`` (reshuffled data, dropout on): the
         worker must still end bit-identical to its uninterrupted run.
