@@ -1,12 +1,12 @@
 """Fault campaign: SIGKILL real trainings at random instants, half of them inside the backup write.
 
 For each adapter (Keras 3, tf_keras, Lightning), its demo worker (``unified_backup.demo.WORKERS``)
-trains a model whose state is about ``--state-mb`` MB. The campaign kills it with SIGKILL,
-restarts it, and repeats until the training completes, then starts a new training; ``--trials``
-kills per adapter in all. Half of the kills are aimed inside the backup write: the campaign watches ``backup_dir`` for the
-lifecycle's staging folder (a ``payload-*`` folder that the manifest does not name yet) and
-kills at a random instant before the commit is expected to end. Each trial is classified by
-what the next start restores:
+trains a model whose state is about ``--state-mb`` MB. The campaign kills it with SIGKILL, restarts
+it, and repeats until the training completes, then starts a new training; ``--trials`` kills per
+adapter in all. Half of the kills are aimed inside the backup write: the campaign watches
+``backup_dir`` for the lifecycle's staging folder (a ``payload-*`` folder that the manifest does not
+name yet) and kills at a random instant before the commit is expected to end. Each trial is
+classified by what the next start restores:
 
     newest      the newest committed backup (what the manifest named at the kill)
     older       an older backup than the newest committed one
