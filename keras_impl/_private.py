@@ -194,7 +194,6 @@ class TfKerasHooks:
     """
 
     _supports_tf_logs = True
-    _chief_worker_only = False
 
     def _implements_train_batch_hooks(self) -> bool:
         return True

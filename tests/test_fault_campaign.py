@@ -23,7 +23,9 @@ def test_small_campaign_resumes_every_kill_from_the_newest_backup(tmp_path, keep
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    for row in json.loads((tmp_path / "r.json").read_text()):
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(row["framework"] for row in rows) == ["keras", "lightning", "tf_keras"]
+    for row in rows:
         assert row["trials"] == 4 and row["outcomes"] == {"newest": 4}, row
         assert row["wrong_final_weights"] == 0 and row["leftovers"] == 0 and row["temp_files_left"] == 0
         assert row["previous_bad"] == (0 if keep_previous else None), row

@@ -22,7 +22,14 @@ import pytest
 tf_keras = pytest.importorskip("tf_keras")
 
 from keras_impl import BackupAndRestore  # noqa: E402
-from tests.conformance.keras_driver import BATCH, KerasDriver, TfKerasDriver, callbacks_of, data  # noqa: E402
+from tests.conformance.keras_driver import (  # noqa: E402
+    BATCH,
+    KerasDriver,
+    TfKerasDriver,
+    callbacks_of,
+    data,
+    tf_keras_reshuffled,
+)
 from unified_backup import IncompatibleBackupError, Slot, UnsupportedEnvironmentError  # noqa: E402
 
 pytestmark = pytest.mark.tf_keras
@@ -99,7 +106,8 @@ def sequential(**dropout: Any) -> Any:
 
 
 def test_nothing_is_left_on_the_model_so_a_second_fit_is_a_first_one(tmp_path):
-    """tf_keras's own callback deletes ``model._training_state``, and a later ``fit`` then crashes."""
+    """Ours leaves nothing on the model (tf_keras's own callback deletes ``model._training_state``, and
+    a later ``fit`` of that model then crashes): a plain ``fit`` after a resumed one starts at epoch 0."""
     model = TfKerasDriver().new_run().model
     assert fit(model, tmp_path / "backup", interrupt=(2, 3))[1] is not None
     recorder, error = fit(model, tmp_path / "backup")
@@ -111,7 +119,7 @@ def test_nothing_is_left_on_the_model_so_a_second_fit_is_a_first_one(tmp_path):
 
 def test_shuffled_arrays_resume_exactly_with_the_same_global_seed(tmp_path, caplog):
     """Arrays with ``shuffle=True`` draw each epoch's order from one iterator: the resumed fit reads the
-    earlier epochs again (without training) so that epoch 1 gets the uninterrupted run's order."""
+    earlier epochs again (without training) so that epoch 2 gets the uninterrupted run's order."""
     with caplog.at_level(logging.INFO, logger="keras_impl"):
         reference, resumed = interrupted_then_resumed(sequential, tmp_path, at=(2, 6), shuffle=True)
     assert_same(weights(resumed), weights(reference))
@@ -218,6 +226,81 @@ def test_changed_steps_per_execution_still_trains_each_batch_once(tmp_path):
     assert int(resumed.optimizer.iterations.numpy()) == 32  # every batch trained once
     for a, e in zip(weights(resumed), weights(control), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+
+
+def test_a_folder_holding_tf_keras_own_backup_is_not_read_and_is_left_alone(tmp_path):
+    backup_dir = tmp_path / "backup"
+    theirs = tf_keras.callbacks.BackupAndRestore(str(backup_dir))
+    assert fit(sequential(), None, interrupt=(2, 1), callbacks=[theirs])[1] is not None
+    left = sorted(p.relative_to(backup_dir).as_posix() for p in backup_dir.rglob("*"))
+    assert any(name.startswith("chief/") for name in left)
+    recorder, error = fit(sequential(), backup_dir)  # ours, on the same folder
+    assert error is None and recorder.epochs == [0, 1, 2, 3]  # not read: a fresh start
+    assert sorted(p.relative_to(backup_dir).as_posix() for p in backup_dir.rglob("*")) == left
+
+
+class OnEpochEnd(tf_keras.utils.Sequence):
+    """Batches of the standard data whose order the Sequence itself reshuffles at each epoch's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x, self.y = data()
+
+    def __len__(self) -> int:
+        return len(self.x) // BATCH
+
+    def __getitem__(self, index: int) -> Any:
+        return self.x[index * BATCH : (index + 1) * BATCH], self.y[index * BATCH : (index + 1) * BATCH]
+
+    def on_epoch_end(self) -> None:
+        np.random.shuffle(self.x)
+
+
+def _batches() -> Any:
+    x, y = data()
+    while True:
+        for i in range(0, len(x), BATCH):
+            yield x[i : i + BATCH], y[i : i + BATCH]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fit_args", "exact", "said"),
+    [
+        (lambda: data(), {"batch_size": BATCH, "shuffle": False}, True, "arrays with shuffle=False"),
+        (lambda: data(), {"batch_size": BATCH, "shuffle": "batch"}, True, "arrays with shuffle='batch'"),
+        (lambda: data(), {"batch_size": BATCH, "steps_per_epoch": 4}, True, "steps_per_epoch=4"),
+        (lambda: (tf_keras_reshuffled()(*data(), BATCH),), {"shuffle": True}, True, "shuffle=True)"),
+        (lambda: (OnEpochEnd(),), {}, False, "it defines on_epoch_end()"),
+        (lambda: (tf_keras_reshuffled()(*data(), BATCH),), {"workers": 2}, False, "2 worker(s)"),
+        (lambda: (_batches(),), {"steps_per_epoch": 8}, False, "a generator is read once"),
+        (lambda: (dataset().repeat(),), {"steps_per_epoch": 8}, False, "reads one iterator across epochs"),
+        (lambda: (dataset().shuffle(64),), {}, False, "reshuffles in every iteration"),
+    ],
+    ids=["arrays", "batch-shuffle", "arrays-steps", "sequence", "on-epoch-end", "workers", "generator",
+         "dataset-steps", "reshuffling-dataset"],
+)  # fmt: skip
+def test_each_tf_keras_input_is_said_exact_or_not(inputs, fit_args, exact, said):
+    """What the restore-time message says of each kind of tf_keras input (read in on_train_begin)."""
+    from keras_impl import pipeline
+
+    class Look(tf_keras.callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.found = pipeline.inspect_tf_keras_fit_input()
+
+    look = Look()
+    sequential().fit(*inputs(), epochs=1, verbose=0, callbacks=[look], **fit_args)
+    found = look.found
+    message = found.resume_problem(0, 0) if found.seeded_by_tf else found.problem
+    assert (message is None) == exact, message
+    assert said in (found.description if exact else message)
+    if "steps_per_epoch" in said:  # one iterator across epochs: the earlier epochs are read again
+        assert found.batches_before(3, 0, 0) == 12
+
+
+def dataset() -> Any:
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(data()).batch(BATCH)
 
 
 @pytest.mark.parametrize(("writer", "reader"), [(KerasDriver, TfKerasDriver), (TfKerasDriver, KerasDriver)])
