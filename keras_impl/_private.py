@@ -332,3 +332,12 @@ def build_tf_keras_compiled_metrics(model: Any, element_spec: Any) -> None:
         model.compiled_loss.build(y_pred)
     if model.compiled_metrics is not None and not model.compiled_metrics.built:
         model.compiled_metrics.build(y_pred, y)
+
+
+# -- tf.distribute ---------------------------------------------------------------------------------
+
+
+def cluster_resolver(strategy: Any) -> Any:
+    """The strategy's cluster resolver; ParameterServerStrategy keeps it as ``_cluster_resolver``
+    (its public ``cluster_resolver`` property reads ``extended``, where PSS has none)."""
+    return strategy.cluster_resolver or getattr(strategy, "_cluster_resolver", None)

@@ -26,7 +26,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_impl import _private, flavour, resume
+from keras_impl import _private, flavour, resume, strategies
+from keras_impl.coordinator import coordinator_of
 from keras_impl.preemption import FitWatch
 from keras_impl.state import KerasTrainingState
 from unified_backup.callback import BackupCallback
@@ -49,16 +50,23 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
 
     __init__.__signature__ = BackupCallback.__init__.__signature__  # type: ignore[attr-defined]
 
+    def _implements_train_batch_hooks(self) -> bool:
+        """tf_keras: no batch hooks under ParameterServerStrategy, whose steps run asynchronously on
+        the workers (no batch end is a point to back up at; a preemption waits for the epoch end)."""
+        return not strategies.is_parameter_server(getattr(self.model, "distribute_strategy", None))
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         signals = self._options.preemption_signals
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
         kind = flavour.of(self.model)
         kind.check_alone(self.model, _private.fit_callbacks(self))
+        distribution = self.model.distribute_strategy
+        strategies.check(distribution, kind, per_epoch=self._options.per_epoch or not self._options.periodic)
         resume.clear(self.model)  # left by a fit that raised
         state = KerasTrainingState(self.model, kind)
         self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
-        opened = self._lifecycle.open(state)
+        opened = self._lifecycle.open(state, coordinator_of(distribution))
         if fit.restore_now(opened):
             self._restore()
         else:

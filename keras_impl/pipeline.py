@@ -68,6 +68,7 @@ class InputPipeline:
     element_spec: Any = dataclasses.field(default=None, compare=False, repr=False)
     epoch_batches: int | None = None
     first_epoch: int = 0
+    advice: str = ""  # what to feed instead for an exact resume (EXACT_INPUTS by default)
 
     def batches_before(self, epoch: int, backup_seed: int | None, seed: int | None) -> int:
         """The batches a resumed ``fit`` reads again before it trains ``epoch`` (0 where that cannot help)."""
@@ -103,12 +104,12 @@ class InputPipeline:
                 f"Resuming inside epoch {epoch}: its first {skipped} batch(es), trained before the backup, "
                 f"are read again and skipped, but this input ({self.description}) does not reproduce its "
                 f"order: {problem} Some samples of epoch {epoch} may be trained twice and others not at all; "
-                f"the run will not end identical to an uninterrupted one. {EXACT_INPUTS}"
+                f"the run will not end identical to an uninterrupted one. {self.advice or EXACT_INPUTS}"
             )
         return logging.WARNING, (
             f"Resuming at the start of epoch {epoch}, but this input ({self.description}) does not reproduce "
             f"its order: {problem} Each epoch still reads every batch once, in another order than an "
-            f"uninterrupted run, so the run will not end identical to it. {EXACT_INPUTS}"
+            f"uninterrupted run, so the run will not end identical to it. {self.advice or EXACT_INPUTS}"
         )
 
 
@@ -173,6 +174,15 @@ def describe(epoch_iterator: Any) -> InputPipeline:
         return InputPipeline(name)
     if kind == "TFDatasetAdapter":
         return _describe_tf_dataset(_private.adapted_dataset(adapter))
+    if kind == "DatasetCreatorAdapter":
+        return InputPipeline(
+            "a DatasetCreator (ParameterServerStrategy)",
+            "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
+            "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
+            "differ as well.",
+            advice="A resumed run ends within the spread of two uninterrupted ones (README: 'Distributed "
+            "training').",
+        )
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
             "a Python generator",
@@ -246,6 +256,15 @@ def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
                 "one at the beginning of the data.",
             )
         return _describe_tf_dataset(_private.tf_keras_dataset(adapter))
+    if kind == "DatasetCreatorAdapter":
+        return InputPipeline(
+            "a DatasetCreator (ParameterServerStrategy)",
+            "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
+            "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
+            "differ as well.",
+            advice="A resumed run ends within the spread of two uninterrupted ones (README: 'Distributed "
+            "training').",
+        )
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
             "a Python generator",

@@ -21,15 +21,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_impl import _private, rng
+from keras_impl import _private, rng, strategies
 from keras_impl.flavour import Keras3
 from keras_impl.flavour import of as flavour_of
-from unified_backup.coordinator import Coordinator
+from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import (
     BackupWriteError,
     CorruptBackupError,
     IncompatibleBackupError,
-    UnsupportedEnvironmentError,
 )
 from unified_backup.fingerprint import describe
 from unified_backup.manifest import Manifest
@@ -51,12 +50,12 @@ class KerasTrainingState:
 
     def __init__(self, model: keras.Model, flavour: Keras3 | None = None) -> None:
         flavour = flavour or flavour_of(model)
-        _require_single_worker(model, flavour)
         self.model = model
         self.flavour = flavour
         self.optimizer = model.optimizer
         self.framework = flavour.name
         self.framework_version = flavour.version
+        self.topology = strategies.topology(model.distribute_strategy)
         with tf.init_scope():
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -139,7 +138,7 @@ class KerasTrainingState:
         self._step_in_epoch.assign(position.step_in_epoch)
         self._batch_in_epoch.assign(position.batches)
         host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
-        metrics = {f"{_METRICS}{path}": value for path, value in self._metric_values().items()}
+        metrics = {f"{_METRICS}{path}": value for path, value in self._all_metric_values(coordinator).items()}
         try:
             tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
         except tf.errors.OpError as exc:
@@ -188,7 +187,9 @@ class KerasTrainingState:
         self._epoch_start_host = {k: v for k, v in extra.items() if k.startswith(_HOST)}
         self.restored_batch_in_epoch = batch_in_epoch
         self.restored_tf_seed = rng.stored_tf_seed(extra)
-        self._restored_metrics = {k[len(_METRICS) :]: v for k, v in extra.items() if k.startswith(_METRICS)}
+        self._restored_metrics = _own_rows(
+            {k[len(_METRICS) :]: v for k, v in extra.items() if k.startswith(_METRICS)}, coordinator
+        )
 
     def _metric_variables(self) -> list[tuple[str, keras.Variable]]:
         """(canonical path, variable) of each compiled metric's accumulator."""
@@ -201,6 +202,18 @@ class KerasTrainingState:
         return {
             path: np.stack([np.asarray(part) for part in self.flavour.components(v)])
             for path, v in self._metric_variables()
+        }
+
+    def _all_metric_values(self, coordinator: Coordinator) -> dict[str, np.ndarray]:
+        """Every worker's metric values, the rows of worker 0 first (one worker: its own). The chief's
+        file holds them all, since each worker's accumulators hold the sums of the batches it read."""
+        local = self._metric_values()
+        if isinstance(coordinator, SingleProcess):
+            return local
+        gathered = coordinator.gather({path: value.tolist() for path, value in local.items()})
+        return {
+            path: np.concatenate([np.asarray(rows[path], dtype=value.dtype) for rows in gathered])
+            for path, value in local.items()
         }
 
     def restore_metrics(self) -> bool:
@@ -221,6 +234,24 @@ class KerasTrainingState:
             for part, value in zip(parts, saved[path], strict=True):
                 part.assign(value)
         return True
+
+
+def _own_rows(saved: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:
+    """This worker's rows of the metric values every worker saved (all of them in one process).
+
+    With another number of workers than the backup's, the rows do not split evenly: then nothing
+    (the metrics of the resumed epoch start from zero, and ``restore_metrics`` says so).
+    """
+    if isinstance(coordinator, SingleProcess) or not saved:
+        return saved
+    workers = coordinator.workers  # type: ignore[attr-defined]
+    own = {}
+    for path, rows in saved.items():
+        if len(rows) % workers:
+            return {}
+        per_worker = len(rows) // workers
+        own[path] = rows[coordinator.rank * per_worker : (coordinator.rank + 1) * per_worker]
+    return own
 
 
 def canonical_paths(paths: Iterable[str]) -> Mapping[str, str]:
@@ -273,21 +304,3 @@ def _checkpoint_prefix(directory: Path) -> str:
         )
     return str(directory / Path(state.model_checkpoint_path).name)
 
-
-def _require_single_worker(model: keras.Model, flavour: Keras3) -> None:
-    """Refuse multi-worker strategies (Keras 3's ``fit`` does not run under them, keras#20585)."""
-    strategy = model.distribute_strategy
-    resolver = getattr(strategy, "cluster_resolver", None)
-    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    workers = sum(len(spec.get(job, ())) for job in ("chief", "worker"))
-    if workers > 1 or not strategy.extended.should_checkpoint:
-        raise UnsupportedEnvironmentError(
-            f"BackupAndRestore for {flavour.label} supports single-process training (no strategy, "
-            f"MirroredStrategy, OneDeviceStrategy); found {type(strategy).__name__} with {workers} workers. "
-            + (
-                "Keras 3's fit does not train under multi-worker strategies (keras-team/keras#20585); "
-                if flavour.name == "keras"
-                else "Multi-worker strategies are not supported for tf_keras yet; "
-            )
-            + "train in one process per backup_dir."
-        )

@@ -245,6 +245,7 @@ class Lifecycle:
         manifest = fit.opened
         if manifest is not None:
             fingerprint.check(manifest.fingerprint, fit.state.fingerprint(), str(self.options.backup_dir))
+            _check_topology(manifest, _topology(fit.state), str(self.options.backup_dir))
         choice.settle(self.slot, manifest, fit.refused, keep_previous=self.options.keep_previous)
 
     # -- backing up ------------------------------------------------------------------------
@@ -312,7 +313,9 @@ class Lifecycle:
     def _commit(self, fit: _Fit, staged: Path, position: Position) -> str:
         """(primary) Commit the staged payload; the manifest's JSON."""
         state = fit.state
-        header = Header(state.framework, state.framework_version, position.counters, state.fingerprint())
+        header = Header(
+            state.framework, state.framework_version, position.counters, state.fingerprint(), _topology(state)
+        )
         return self.slot.commit(staged, header).to_json()
 
     def _stage(self) -> str:
@@ -385,6 +388,32 @@ class Lifecycle:
                 "This is a bug in the adapter: please report it."
             )
         return self._fit
+
+
+def _topology(state: TrainingState) -> dict[str, Any]:
+    """The job's shape as the state reports it (``topology``, optional: {} when it reports none)."""
+    return dict(getattr(state, "topology", None) or {})
+
+
+def _check_topology(manifest: Manifest, live: dict[str, Any], backup_dir: str) -> None:
+    """Warn when the backup was made by a job of another shape: replicated state restores as it is,
+    but what each worker and replica reads, and their random streams, are split another way."""
+    made = dict(manifest.topology)
+    if not made or not live or made == live:
+        return
+    log.warning(
+        "The backup in %s was made by a job of another shape (%s) than this one (%s). The weights, "
+        "optimizer state and counters are the same on every replica and are restored as they are; not "
+        "exact: how the input is split across workers and replicas, and per-worker random streams, so "
+        "the resumed run will differ from an uninterrupted run of either shape.",
+        backup_dir,
+        _shape(made),
+        _shape(live),
+    )
+
+
+def _shape(topology: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={topology[key]}" for key in sorted(topology))
 
 
 def _as_backup_error(exc: Exception, context: str) -> BackupError:

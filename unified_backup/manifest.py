@@ -56,6 +56,7 @@ class Header:
     framework_version: str
     counters: Counters
     fingerprint: Mapping[str, str]
+    topology: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Manifest:
     fingerprint: Mapping[str, str]
     files: Mapping[str, FileEntry]
     payload: str
+    topology: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     created_at: str = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
@@ -89,6 +91,7 @@ class Manifest:
             fingerprint=dict(header.fingerprint),
             files=files,
             payload=payload,
+            topology=dict(header.topology),
         )
 
     @property
@@ -115,6 +118,7 @@ class Manifest:
             "global_step": self.global_step,
             "created_at": self.created_at,
             "fingerprint": dict(self.fingerprint),
+            "topology": dict(self.topology),
             "checksum_algorithm": self.checksum_algorithm,
             "payload": self.payload,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
@@ -163,6 +167,7 @@ class Manifest:
                 fingerprint={str(k): str(v) for k, v in body["fingerprint"].items()},
                 files=files,
                 payload=str(body["payload"]),
+                topology=dict(body.get("topology", {})),
                 created_at=str(body["created_at"]),
                 checksum_algorithm=str(body["checksum_algorithm"]),
             )

@@ -46,6 +46,11 @@ class TrainingState(Protocol):
     NOTE: in a distributed run every process has its own state and the lifecycle calls ``save``
     and ``load`` on every process; the primary's ``directory`` is the one that gets committed,
     the others get a scratch folder that is removed after the commit.
+
+    A state may also have ``topology``, a JSON-able mapping of the job's shape (strategy, workers,
+    replicas) that the manifest records; a backup restored by a job of another shape is loaded with
+    a warning (state replicated on every process). A state whose files depend on the shape (shards)
+    must refuse another shape in ``load``.
     """
 
     framework: str

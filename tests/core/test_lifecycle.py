@@ -260,3 +260,37 @@ def test_every_epoch_end_backs_up_even_when_no_optimizer_step_was_taken(backup_d
     assert lifecycle.boundary(Position.epoch_end(1, 0), epoch_end=True).counters == Counters(1, 0, 0)
     assert lifecycle.boundary(Position.epoch_end(2, 0), epoch_end=True).counters == Counters(2, 0, 0)
     lifecycle.finish(success=False)
+
+
+def test_the_manifest_records_the_topology_and_another_shape_restores_with_a_warning(backup_dir, caplog):
+    made = {"strategy": "MultiWorkerMirrored", "workers": 2, "replicas": 2}
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir)), FakeState(b"two")
+    state.topology = made
+    lifecycle.start(state)
+    assert epoch_end(lifecycle, state, b"two", Counters(1, 0, 8)).topology == made
+    lifecycle.finish(success=False)
+    assert json.loads((backup_dir / "manifest.json").read_text())["topology"] == made
+
+    same = FakeState()
+    same.topology = dict(made)
+    with caplog.at_level(logging.WARNING):
+        Lifecycle(BackupOptions(backup_dir)).start(same)
+    assert same.weights == b"two" and "another shape" not in caplog.text
+
+    other = FakeState()
+    other.topology = {"strategy": "Mirrored", "workers": 1, "replicas": 2}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lifecycle = Lifecycle(BackupOptions(backup_dir))
+        lifecycle.start(other)
+    assert other.weights == b"two"  # replicated state: restored as it is
+    made_text = "made by a job of another shape (replicas=2, strategy=MultiWorkerMirrored, workers=2)"
+    assert made_text in caplog.text
+    assert "this one (replicas=2, strategy=Mirrored, workers=1)" in caplog.text
+    lifecycle.finish(success=False)
+
+    unknown = FakeState()  # a state that reports no topology (or an old manifest): nothing to compare
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Lifecycle(BackupOptions(backup_dir)).start(unknown)
+    assert "another shape" not in caplog.text

@@ -272,3 +272,20 @@ def test_tf_keras_compiled_metrics_are_built_from_one_batchs_structure():
     _private.build_tf_keras_compiled_metrics(model, spec)
     assert _private.tf_keras_compiled_metrics_built(model), TF_KERAS_CHANGED + "compiled_loss.build(y_pred)"
     assert [m.name for m in model.metrics] == ["loss"]
+
+
+def test_parameter_server_strategy_keeps_its_cluster_resolver_where_private_reads_it():
+    import inspect
+
+    from tensorflow.python.distribute import parameter_server_strategy_v2
+
+    source = inspect.getsource(parameter_server_strategy_v2.ParameterServerStrategyV2.__init__)
+    assert "self._cluster_resolver = cluster_resolver" in source, (
+        CHANGED + "ParameterServerStrategy's resolver"
+    )
+    assert (
+        tf.distribute.experimental.ParameterServerStrategy
+        is parameter_server_strategy_v2.ParameterServerStrategyV2
+    )
+    # the public property reads it from `extended`, where PSS keeps none (hence the private read)
+    assert "self.extended" in inspect.getsource(tf.distribute.Strategy.cluster_resolver.fget), CHANGED
