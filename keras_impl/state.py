@@ -40,6 +40,7 @@ _UNIQUIFIED = re.compile(r"^(.*?)(?:_(\d+))?$")
 EXTRA_FILE = "resume_state.npz"
 _METRICS = "metrics/"
 _HOST = ("python_random/", "numpy_random/")
+_WORKER = "worker-{}/"  # another worker's host generator states
 
 
 class KerasTrainingState:
@@ -145,6 +146,7 @@ class KerasTrainingState:
             raise BackupWriteError(
                 errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
             ) from exc
+        host = _every_workers(host, coordinator)
         np.savez(directory / EXTRA_FILE, **host, **rng.capture_device(), **metrics)  # type: ignore[arg-type]
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
@@ -182,9 +184,10 @@ class KerasTrainingState:
                 f"The optimizer's step counter restored from {prefix} is {self.global_step}, but the "
                 f"manifest says global_step={manifest.global_step}. Delete the backup to start fresh."
             )
+        host = _own_host(extra, coordinator)
         rng.restore_device(extra)  # first: creating Keras's global seed generator draws from `random`
-        rng.restore_host(extra)
-        self._epoch_start_host = {k: v for k, v in extra.items() if k.startswith(_HOST)}
+        rng.restore_host(host)
+        self._epoch_start_host = host
         self.restored_batch_in_epoch = batch_in_epoch
         self.restored_tf_seed = rng.stored_tf_seed(extra)
         self._restored_metrics = _own_rows(
@@ -234,6 +237,29 @@ class KerasTrainingState:
             for part, value in zip(parts, saved[path], strict=True):
                 part.assign(value)
         return True
+
+
+def _every_workers(host: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:
+    """The host generator states to save: this process's, and under several workers every other
+    worker's too, as ``worker-<rank>/<name>`` (their Python and NumPy generators are their own)."""
+    if isinstance(coordinator, SingleProcess):
+        return host
+    gathered = coordinator.gather({name: value.tolist() for name, value in host.items()})
+    every = dict(host)
+    for rank, states in enumerate(gathered):
+        if rank > 0:
+            every.update(
+                {f"{_WORKER.format(rank)}{n}": np.asarray(v, host[n].dtype) for n, v in states.items()}
+            )
+    return every
+
+
+def _own_host(extra: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:
+    """This worker's host generator states from a backup (the chief's when the backup has none of its)."""
+    chief = {name: value for name, value in extra.items() if name.startswith(_HOST)}
+    prefix = _WORKER.format(coordinator.rank)
+    own = {name[len(prefix) :]: value for name, value in extra.items() if name.startswith(prefix)}
+    return own if coordinator.rank > 0 and set(own) == set(chief) else chief
 
 
 def _own_rows(saved: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:
@@ -303,4 +329,3 @@ def _checkpoint_prefix(directory: Path) -> str:
             "tf.train.CheckpointManager writes; delete the backup to start fresh."
         )
     return str(directory / Path(state.model_checkpoint_path).name)
-

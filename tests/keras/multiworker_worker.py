@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -64,11 +65,12 @@ class Epochs(keras.callbacks.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.epoch, self.seen, self.losses = -1, [], {}
+        self.epoch, self.seen, self.losses, self.draws = -1, [], {}, {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self.seen.append(epoch)
+        self.draws[epoch] = [random.getrandbits(30), int(np.random.randint(1 << 30))]  # this worker's own
         print(f"epoch {epoch} begins", flush=True)
         if args.raise_at and me == args.on and args.raise_at == [epoch, -1]:
             raise RuntimeError(f"interrupt on {me}")
@@ -104,7 +106,9 @@ def model(strategy):
                 keras.layers.Dense(1, kernel_initializer=init(1000)),
             ]
         )
-        run.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=args.steps_per_execution)
+        run.compile(
+            optimizer=keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=args.steps_per_execution
+        )
     return run
 
 
@@ -120,6 +124,8 @@ def worker() -> None:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     keras.utils.set_random_seed(7)
     run = model(strategy)
+    random.seed(100 + args.index)  # each worker's host generators their own
+    np.random.seed(100 + args.index)
     faults = Epochs() if PS else Faults()
     callbacks: list = [faults]
     backup = None
@@ -142,7 +148,6 @@ def worker() -> None:
         return
     x, y = data()
     if PS:
-
         # Every batch is the whole data set: under PSS each worker reads its own copy of the data and the
         # workers take steps in a random interleaving, so batches of distinct samples would reach the
         # variables in another order in every run (and a resumed run restarts each worker's copy).
@@ -163,6 +168,7 @@ def worker() -> None:
     report = {
         "epochs_run": faults.seen,
         "losses": faults.losses,
+        "draws": faults.draws,
         "iterations": int(run.optimizer.iterations.numpy()),
         "weights": flat(run.get_weights()),
         "optimizer": flat(v.numpy() for v in run.optimizer.variables()),

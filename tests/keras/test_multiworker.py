@@ -39,19 +39,22 @@ def run(out: Path, cluster: dict[str, int], *options: str) -> tuple[Cluster, dic
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """The uninterrupted MultiWorkerMirrored run without the callback (reshuffled arrays)."""
+def reference(tmp_path_factory) -> list[dict]:
+    """Each worker's report of the uninterrupted MultiWorkerMirrored run without the callback
+    (reshuffled arrays; each worker's Python and NumPy generators seeded differently)."""
     out = tmp_path_factory.mktemp("mwms-reference")
     cluster, codes = run(out, MWMS, "--no-callback", "--shuffle")
     assert codes == {"worker-0": 0, "worker-1": 0}, cluster.logs()
     reports = [cluster.report(*task) for task in WORKERS]
     assert reports[0]["weights"] == reports[1]["weights"]  # replicated: the same on every worker
-    return reports[0]
+    assert reports[0]["draws"] != reports[1]["draws"]  # the host generators are each worker's own
+    return reports
 
 
-def assert_resumed_exactly(cluster: Cluster, reference: dict, counters: list[int]) -> None:
-    for task in WORKERS:
+def assert_resumed_exactly(cluster: Cluster, references: list[dict], counters: list[int]) -> None:
+    for task, reference in zip(WORKERS, references, strict=True):
         report = cluster.report(*task)
+        assert report["draws"] == {e: reference["draws"][e] for e in report["draws"]}  # its own streams
         assert report["restored"] == counters, cluster.logs()  # every worker restored the same backup
         assert report["epochs_run"] == list(range(counters[0], 4))
         assert report["weights"] == reference["weights"]
@@ -95,8 +98,8 @@ def test_uninterrupted_with_step_backups_equals_the_run_without_and_leaves_nothi
     assert codes == {"worker-0": 0, "worker-1": 0}, cluster.logs()
     for task in WORKERS:
         report = cluster.report(*task)
-        assert report["restored"] is None and report["weights"] == reference["weights"]
-        assert report["optimizer"] == reference["optimizer"]
+        assert report["restored"] is None and report["weights"] == reference[0]["weights"]
+        assert report["optimizer"] == reference[0]["optimizer"]
     assert not backup_dir.exists()  # the chief deleted it; the workers' scratch folders are gone too
 
 
