@@ -85,7 +85,7 @@ class TfCoordinator:
     def _all_sum(self, array: np.ndarray) -> np.ndarray:
         """The sum over workers of each worker's ``array`` (its first replica gives it, the others 0)."""
         value = tf.constant(array)
-        given = []
+        given: list[bool] = []
 
         def per_replica(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
             if given:
