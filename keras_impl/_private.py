@@ -15,6 +15,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 # -- where fit starts and what it runs -------------------------------------------------------------
 
@@ -196,7 +197,10 @@ class TfKerasHooks:
     _supports_tf_logs = True
 
     def _implements_train_batch_hooks(self) -> bool:
-        return True
+        """None under ParameterServerStrategy, whose steps run asynchronously on the workers (no batch
+        end is a point to back up at; a preemption waits for the epoch end). Asked after set_model."""
+        strategy = getattr(getattr(self, "model", None), "distribute_strategy", None)
+        return not isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
 
     def _implements_test_batch_hooks(self) -> bool:
         return False
@@ -249,8 +253,6 @@ def per_replica_spec(spec: Any) -> Any:
 
 
 def tf_nest() -> Any:
-    import tensorflow as tf
-
     return tf.nest
 
 

@@ -50,11 +50,6 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
 
     __init__.__signature__ = BackupCallback.__init__.__signature__  # type: ignore[attr-defined]
 
-    def _implements_train_batch_hooks(self) -> bool:
-        """tf_keras: no batch hooks under ParameterServerStrategy, whose steps run asynchronously on
-        the workers (no batch end is a point to back up at; a preemption waits for the epoch end)."""
-        return not strategies.is_parameter_server(getattr(self.model, "distribute_strategy", None))
-
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         signals = self._options.preemption_signals
         if signals:

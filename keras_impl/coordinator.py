@@ -45,7 +45,14 @@ class TfCoordinator:
             for i in range(count)
         ]
         self._tasks = sorted(tasks, key=lambda task: (_WORKER_JOBS.index(task[0]), task[1]))
-        self.rank = self._tasks.index((resolver.task_type, int(resolver.task_id)))
+        me = (resolver.task_type, int(resolver.task_id))
+        if me not in self._tasks:
+            raise UnsupportedEnvironmentError(
+                f"BackupAndRestore runs in the tasks that train under MultiWorkerMirroredStrategy (chief "
+                f"and worker), but found fit called in task {me[0]} {me[1]}. Leave the callback out of an "
+                "evaluator's fit, or train only in the chief and worker tasks."
+            )
+        self.rank = self._tasks.index(me)
         self.is_primary = bool(strategy.extended.should_checkpoint)
         if self.is_primary != (self.rank == 0):
             raise UnsupportedEnvironmentError(
@@ -100,7 +107,7 @@ class TfCoordinator:
 def cluster_jobs(strategy: tf.distribute.Strategy) -> dict[str, int]:
     """``{job: task count}`` of the strategy's cluster ({} for a strategy without one)."""
     resolver = _private.cluster_resolver(strategy)
-    if resolver is None:
+    if resolver is None or "TPUStrategy" in type(strategy).__name__:  # a TPU's resolver may call its API
         return {}
     try:
         spec = resolver.cluster_spec().as_dict()

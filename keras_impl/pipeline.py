@@ -180,8 +180,8 @@ def describe(epoch_iterator: Any) -> InputPipeline:
             "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
             "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
             "differ as well.",
-            advice="A resumed run ends within the spread of two uninterrupted ones (README: 'Distributed "
-            "training').",
+            advice="An exact resume under ParameterServerStrategy needs every epoch to read the same "
+            "batches whatever worker runs them (README: 'Distributed training').",
         )
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
@@ -262,8 +262,8 @@ def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
             "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
             "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
             "differ as well.",
-            advice="A resumed run ends within the spread of two uninterrupted ones (README: 'Distributed "
-            "training').",
+            advice="An exact resume under ParameterServerStrategy needs every epoch to read the same "
+            "batches whatever worker runs them (README: 'Distributed training').",
         )
     if kind == "GeneratorDataAdapter":
         return InputPipeline(

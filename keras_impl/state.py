@@ -139,6 +139,9 @@ class KerasTrainingState:
         self._step_in_epoch.assign(position.step_in_epoch)
         self._batch_in_epoch.assign(position.batches)
         host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
+        # Every collective first (see TrainingState.save): the gathers, then the checkpoint's own
+        # reductions of sync-on-read variables, which TensorFlow makes before it writes a byte.
+        host = _every_workers(host, coordinator)
         metrics = {f"{_METRICS}{path}": value for path, value in self._all_metric_values(coordinator).items()}
         try:
             tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
@@ -146,7 +149,6 @@ class KerasTrainingState:
             raise BackupWriteError(
                 errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
             ) from exc
-        host = _every_workers(host, coordinator)
         np.savez(directory / EXTRA_FILE, **host, **rng.capture_device(), **metrics)  # type: ignore[arg-type]
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:

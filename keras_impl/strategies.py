@@ -12,7 +12,8 @@ TPU                         untested   untested   as one process: the client com
 anything else               refused    refused
 =========================== ========== ========== ==============================================
 
-\\* Keras 3's ``fit`` fails under MultiWorkerMirrored before any callback runs (keras-team/keras#20585).
+\\* with more than one worker: Keras 3's ``fit`` fails under MultiWorkerMirrored before any callback
+runs (keras-team/keras#20585). One worker is one process, as for Mirrored.
 \\** Keras 3 has no ParameterServer support in ``fit``.
 """
 

@@ -23,8 +23,9 @@ Every process makes every call; only the primary touches the commit record::
     boundary:  1. (all) any(preemption signal), when a watch is attached
                2. backup when due or preempted:
                   a. (primary) stage  b. broadcast the staging folder
-                  c. (all) state.save (others into scratch)  d. gather failures: all commit, or none
-                  e. (primary) commit: manifest written last, renamed  f. broadcast the outcome
+                  c. (all) make the folder (others: scratch), gather failures: all save, or none
+                  d. (all) state.save  e. gather failures: all commit, or none
+                  f. (primary) commit: manifest written last, renamed  g. broadcast the outcome
                3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
                   (a backup that fails then ends the fit too: nothing stays locked or installed)
     finish:    when deleting: 1. barrier  2. (primary) delete the backup;  then (primary) unlock
@@ -286,13 +287,11 @@ class Lifecycle:
         target = (
             staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
         )
-        failure: BaseException | None = None
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            fit.state.save(target, position, coordinator)
-        except BaseException as exc:
-            failure = exc
-        report = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
+        failure = _attempt(lambda: target.mkdir(parents=True, exist_ok=True))
+        report = self._agree(fit, failure)  # every process has its folder, or none saves
+        if report is None:  # save makes its collectives before any write that can fail (see TrainingState)
+            failure = _attempt(lambda: fit.state.save(target, position, coordinator))
+            report = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
         if coordinator.is_primary and report is not None:
             self.slot.discard(staged)
         elif not coordinator.is_primary:  # scratch: never committed
@@ -390,22 +389,35 @@ class Lifecycle:
         return self._fit
 
 
+_SHAPE = ("workers", "replicas")  # what splits the input and the random streams; the rest is recorded only
+
+
+def _attempt(call: Callable[[], Any]) -> BaseException | None:
+    """Run ``call``; what it raised, or None. Every process then agrees on the outcome."""
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    return None
+
+
 def _topology(state: TrainingState) -> dict[str, Any]:
     """The job's shape as the state reports it (``topology``, optional: {} when it reports none)."""
     return dict(getattr(state, "topology", None) or {})
 
 
 def _check_topology(manifest: Manifest, live: dict[str, Any], backup_dir: str) -> None:
-    """Warn when the backup was made by a job of another shape: replicated state restores as it is,
-    but what each worker and replica reads, and their random streams, are split another way."""
+    """Warn when the backup was made by a job of another shape (other workers or replicas): replicated
+    state restores as it is, but what each worker and replica reads, and their random streams, are
+    split another way. The strategy's name alone (e.g. none vs OneDevice) changes nothing."""
     made = dict(manifest.topology)
-    if not made or not live or made == live:
+    if not made or not live or all(made.get(key) == live.get(key) for key in _SHAPE):
         return
     log.warning(
         "The backup in %s was made by a job of another shape (%s) than this one (%s). The weights, "
         "optimizer state and counters are the same on every replica and are restored as they are; not "
         "exact: how the input is split across workers and replicas, and per-worker random streams, so "
-        "the resumed run will differ from an uninterrupted run of either shape.",
+        "the resumed run may differ from an uninterrupted run of either shape.",
         backup_dir,
         _shape(made),
         _shape(live),

@@ -45,7 +45,10 @@ class TrainingState(Protocol):
 
     NOTE: in a distributed run every process has its own state and the lifecycle calls ``save``
     and ``load`` on every process; the primary's ``directory`` is the one that gets committed,
-    the others get a scratch folder that is removed after the commit.
+    the others get a scratch folder that is removed after the commit. A ``save`` that needs
+    collectives (e.g. to gather every process's values into the primary's files) must make them all
+    before its first write that can fail: the lifecycle then gathers the failures, and a process
+    that failed between two collectives would pair its failure report with the others' next call.
 
     A state may also have ``topology``, a JSON-able mapping of the job's shape (strategy, workers,
     replicas) that the manifest records; a backup restored by a job of another shape is loaded with

@@ -271,11 +271,13 @@ def test_the_manifest_records_the_topology_and_another_shape_restores_with_a_war
     lifecycle.finish(success=False)
     assert json.loads((backup_dir / "manifest.json").read_text())["topology"] == made
 
-    same = FakeState()
-    same.topology = dict(made)
+    same = FakeState()  # the same workers and replicas under another name: nothing differs
+    same.topology = dict(made, strategy="SomeOtherName", cluster={"chief": 1, "worker": 1})
     with caplog.at_level(logging.WARNING):
-        Lifecycle(BackupOptions(backup_dir)).start(same)
+        lifecycle = Lifecycle(BackupOptions(backup_dir))
+        lifecycle.start(same)
     assert same.weights == b"two" and "another shape" not in caplog.text
+    lifecycle.finish(success=False)
 
     other = FakeState()
     other.topology = {"strategy": "Mirrored", "workers": 1, "replicas": 2}

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -37,6 +38,9 @@ parser.add_argument("--preemption", action="store_true")
 parser.add_argument("--no-callback", action="store_true")
 parser.add_argument("--shuffle", action="store_true")
 parser.add_argument("--steps-per-execution", type=int, default=1)
+parser.add_argument("--hidden", type=int, default=8)
+parser.add_argument("--on-write-error", default="raise")
+parser.add_argument("--file-size-limit", type=int, help="RLIMIT_FSIZE (bytes) of the task named by --on")
 parser.add_argument("--probe-refusal", action="store_true", help="call on_train_begin outside fit; report")
 parser.add_argument("job")
 parser.add_argument("index", type=int)
@@ -102,7 +106,7 @@ def model(strategy):
         run = keras.Sequential(
             [
                 keras.Input((4,)),
-                keras.layers.Dense(8, activation="relu", kernel_initializer=init(0)),
+                keras.layers.Dense(args.hidden, activation="relu", kernel_initializer=init(0)),
                 keras.layers.Dense(1, kernel_initializer=init(1000)),
             ]
         )
@@ -117,6 +121,10 @@ def flat(values) -> list[float]:
 
 
 def worker() -> None:
+    if args.file_size_limit and me == args.on:  # a real write error (EFBIG) in this task's saves only
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, hard))  # lifted for the report
     if PS:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
@@ -135,6 +143,7 @@ def worker() -> None:
             args.backup_dir,
             save_freq=False if save_freq == "False" else save_freq,
             save_before_preemption=args.preemption,
+            on_write_error=args.on_write_error,
         )
         callbacks.append(backup)
     if args.probe_refusal:
@@ -164,6 +173,7 @@ def worker() -> None:
     except TrainingPreempted as exc:
         print(f"preempted: {exc}", flush=True)
         raise SystemExit(exc.code) from None
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.getrlimit(resource.RLIMIT_FSIZE)[1],) * 2)
     restored = backup.restored if backup is not None else None
     report = {
         "epochs_run": faults.seen,
@@ -174,6 +184,7 @@ def worker() -> None:
         "optimizer": flat(v.numpy() for v in run.optimizer.variables()),
         "restored": [restored.epoch, restored.step_in_epoch, restored.global_step] if restored else None,
         "topology": dict(restored.topology) if restored else None,
+        "batch_hooks": backup._implements_train_batch_hooks() if backup is not None else None,
     }
     (args.out / f"{me}.json").write_text(json.dumps(report))
 

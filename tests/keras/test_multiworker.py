@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.keras.cluster import Cluster
+from tests.keras.cluster import Cluster, can_isolate
 from unified_backup import BackupDirInUseError, Slot
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED
 
-pytestmark = [pytest.mark.tf_keras, pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [
+    pytest.mark.tf_keras,
+    pytest.mark.slow,
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(not can_isolate(), reason="needs a private network namespace: unshare -n (root)"),
+]
 MWMS = {"worker": 2}
 PSS = {"chief": 1, "worker": 2, "ps": 1}
 WORKERS = [("worker", 0), ("worker", 1)]
@@ -56,6 +61,7 @@ def assert_resumed_exactly(cluster: Cluster, references: list[dict], counters: l
         report = cluster.report(*task)
         assert report["draws"] == {e: reference["draws"][e] for e in report["draws"]}  # its own streams
         assert report["restored"] == counters, cluster.logs()  # every worker restored the same backup
+        assert report["batch_hooks"] is True
         assert report["epochs_run"] == list(range(counters[0], 4))
         assert report["weights"] == reference["weights"]
         assert report["optimizer"] == reference["optimizer"]
@@ -100,7 +106,7 @@ def test_uninterrupted_with_step_backups_equals_the_run_without_and_leaves_nothi
         report = cluster.report(*task)
         assert report["restored"] is None and report["weights"] == reference[0]["weights"]
         assert report["optimizer"] == reference[0]["optimizer"]
-    assert not backup_dir.exists()  # the chief deleted it; the workers' scratch folders are gone too
+    assert not backup_dir.exists()  # the chief deleted it (the scratch folders: assert_committed_alone)
 
 
 @pytest.mark.parametrize(("save_freq", "counters"), [("epoch", [2, 0, 8]), ("2", [2, 2, 10])])
@@ -116,6 +122,29 @@ def test_exception_on_one_worker_ends_the_job_and_the_restart_resumes_bit_identi
     cluster, codes = run(tmp_path, MWMS, *options)
     assert codes == {"worker-0": 0, "worker-1": 0}, cluster.logs()
     assert_resumed_exactly(cluster, reference, counters)
+    assert not backup_dir.exists()
+
+
+def test_with_a_chief_job_the_chief_commits_and_a_worker_failure_resumes_bit_identical(tmp_path, reference):
+    """TF_CONFIG with a ``chief`` and a ``worker``: the chief is rank 0 (it locks and commits), the worker
+    rank 1; the same two replicas as two ``worker`` tasks, so the same result as the reference."""
+    cluster_spec = {"chief": 1, "worker": 1}
+    tasks = [("chief", 0), ("worker", 0)]
+    backup_dir = tmp_path / "b"
+    options = ("--backup-dir", str(backup_dir), "--save-freq", "2", "--shuffle")
+    cluster, codes = run(tmp_path, cluster_spec, *options, "--raise-at", "2", "3", "--on", "worker-0")
+    assert codes == {"chief-0": 1, "worker-0": 1}, cluster.logs()
+    assert assert_committed_alone(backup_dir) == [2, 2, 10]
+    cluster, codes = run(tmp_path, cluster_spec, *options)
+    assert codes == {"chief-0": 0, "worker-0": 0}, cluster.logs()
+    for task in tasks:
+        report = cluster.report(*task)
+        assert report["restored"] == [2, 2, 10] and report["epochs_run"] == [2, 3], cluster.logs()
+        for key in ("weights", "optimizer", "iterations"):
+            assert report[key] == reference[0][key], key
+        # both tasks have index 0, so both seed their host generators as worker 0 of the reference
+        assert report["draws"] == {e: reference[0]["draws"][e] for e in report["draws"]}
+        assert report["topology"]["cluster"] == cluster_spec and report["topology"]["workers"] == 2
     assert not backup_dir.exists()
 
 
@@ -165,6 +194,32 @@ def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step_with_one_back
     cluster, codes = run(tmp_path, MWMS, *options)
     assert codes == {"worker-0": 0, "worker-1": 0}, cluster.logs()
     assert_resumed_exactly(cluster, reference, counters)
+
+
+def test_a_write_error_on_one_worker_is_agreed_by_all_and_nobody_hangs(tmp_path):
+    """Worker 1 cannot write files over 64 KiB (RLIMIT_FSIZE: a real EFBIG), so its part of every backup
+    fails after the collectives of the save. Every worker hears of it: with on_write_error="warn" all
+    log the same skipped backup and train on; with the default, all stop with BackupWriteError."""
+    backup_dir = tmp_path / "b"
+    options = ("--backup-dir", str(backup_dir), "--save-freq", "4", "--hidden", "2000")
+    limit = ("--file-size-limit", str(64 * 1024), "--on", "worker-1")
+    cluster, codes = run(tmp_path / "warn", MWMS, *options, *limit, "--on-write-error", "warn")
+    assert codes == {"worker-0": 0, "worker-1": 0}, cluster.logs()
+    for task in WORKERS:
+        log = (tmp_path / "warn" / f"{task[0]}-{task[1]}.log").read_text()
+        assert log.count("Backup skipped: ") == 4 and "(process 1: TensorFlow could not write" in log, (
+            cluster.logs()
+        )
+        assert "File too large" in log
+    assert not backup_dir.exists()  # nothing was committed, and no scratch folder is left
+
+    cluster, codes = run(tmp_path / "raise", MWMS, *options, *limit)
+    assert codes == {"worker-0": 1, "worker-1": 1}, cluster.logs()
+    for task in WORKERS:
+        log = (tmp_path / "raise" / f"{task[0]}-{task[1]}.log").read_text()
+        assert "BackupWriteError" in log and "(process 1: TensorFlow could not write" in log, cluster.logs()
+    assert Slot(backup_dir).read_manifest() is None
+    assert not [p for p in backup_dir.iterdir() if p.name.startswith("payload-")]
 
 
 @pytest.mark.xfail(
@@ -223,6 +278,7 @@ def test_parameter_server_epoch_backups_and_preemption_resume_bit_identical(tmp_
         report = resumed.report("chief", 0)
         assert report["restored"] == [2, 0, 16] and report["epochs_run"] == [2, 3]
         assert report["topology"]["strategy"] == "ParameterServer" and report["topology"]["cluster"] == PSS
+        assert report["batch_hooks"] is False  # tf_keras allows none under PSS: epoch hooks only
         for key in ("weights", "optimizer", "iterations"):
             assert report[key] == reference[key], key
         assert not backup_dir.exists()
