@@ -12,7 +12,6 @@ the same order, as for the training step itself.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,7 +22,6 @@ from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import UnsupportedEnvironmentError
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 _WORKER_JOBS = ("chief", "worker")  # the jobs that run fit under MultiWorkerMirrored, chief first
 

@@ -120,6 +120,15 @@ EXACT_INPUTS = (
     "that does not reshuffle (README: 'Exact resume')."
 )
 
+_DATASET_CREATOR = InputPipeline(  # tf_keras under ParameterServerStrategy (Keras 3 has neither)
+    "a DatasetCreator (ParameterServerStrategy)",
+    "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
+    "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
+    "differ as well.",
+    advice="An exact resume under ParameterServerStrategy needs every epoch to read the same "
+    "batches whatever worker runs them (README: 'Distributed training').",
+)
+
 UNKNOWN = InputPipeline(
     "an input that could not be identified",
     "BackupAndRestore found no data adapter in fit's call stack (another Keras version, or fit "
@@ -174,15 +183,6 @@ def describe(epoch_iterator: Any) -> InputPipeline:
         return InputPipeline(name)
     if kind == "TFDatasetAdapter":
         return _describe_tf_dataset(_private.adapted_dataset(adapter))
-    if kind == "DatasetCreatorAdapter":
-        return InputPipeline(
-            "a DatasetCreator (ParameterServerStrategy)",
-            "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
-            "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
-            "differ as well.",
-            advice="An exact resume under ParameterServerStrategy needs every epoch to read the same "
-            "batches whatever worker runs them (README: 'Distributed training').",
-        )
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
             "a Python generator",
@@ -257,14 +257,7 @@ def describe_tf_keras(handler: Any, fit_args: dict[str, Any]) -> InputPipeline:
             )
         return _describe_tf_dataset(_private.tf_keras_dataset(adapter))
     if kind == "DatasetCreatorAdapter":
-        return InputPipeline(
-            "a DatasetCreator (ParameterServerStrategy)",
-            "under ParameterServerStrategy each worker reads its own dataset and the workers' steps "
-            "interleave at random, so no input is read in the same order twice; two uninterrupted runs "
-            "differ as well.",
-            advice="An exact resume under ParameterServerStrategy needs every epoch to read the same "
-            "batches whatever worker runs them (README: 'Distributed training').",
-        )
+        return _DATASET_CREATOR
     if kind == "GeneratorDataAdapter":
         return InputPipeline(
             "a Python generator",

@@ -141,8 +141,8 @@ class KerasTrainingState:
         host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
         # Every collective first (see TrainingState.save): the gathers, then the checkpoint's own
         # reductions of sync-on-read variables, which TensorFlow makes before it writes a byte.
-        host = _every_workers(host, coordinator)
-        metrics = {f"{_METRICS}{path}": value for path, value in self._all_metric_values(coordinator).items()}
+        host, metrics = _with_every_worker(host, self._metric_values(), coordinator)
+        metrics = {f"{_METRICS}{path}": value for path, value in metrics.items()}
         try:
             tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
         except tf.errors.OpError as exc:
@@ -209,18 +209,6 @@ class KerasTrainingState:
             for path, v in self._metric_variables()
         }
 
-    def _all_metric_values(self, coordinator: Coordinator) -> dict[str, np.ndarray]:
-        """Every worker's metric values, the rows of worker 0 first (one worker: its own). The chief's
-        file holds them all, since each worker's accumulators hold the sums of the batches it read."""
-        local = self._metric_values()
-        if isinstance(coordinator, SingleProcess):
-            return local
-        gathered = coordinator.gather({path: value.tolist() for path, value in local.items()})
-        return {
-            path: np.concatenate([np.asarray(rows[path], dtype=value.dtype) for rows in gathered])
-            for path, value in local.items()
-        }
-
     def restore_metrics(self) -> bool:
         """Put back the compiled metrics' accumulators of a backup made inside an epoch.
 
@@ -241,19 +229,32 @@ class KerasTrainingState:
         return True
 
 
-def _every_workers(host: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:
-    """The host generator states to save: this process's, and under several workers every other
-    worker's too, as ``worker-<rank>/<name>`` (their Python and NumPy generators are their own)."""
+def _with_every_worker(
+    host: rng.Arrays, metrics: rng.Arrays, coordinator: Coordinator
+) -> tuple[rng.Arrays, rng.Arrays]:
+    """What the chief's file holds of every worker, in one gather (one worker: its own, as it is).
+
+    Host generator states: this process's, and every other worker's as ``worker-<rank>/<name>``
+    (each worker's Python and NumPy generators are its own). Metric values: every worker's rows,
+    worker 0's first, since each worker's accumulators hold the sums of the batches it read.
+    """
     if isinstance(coordinator, SingleProcess):
-        return host
-    gathered = coordinator.gather({name: value.tolist() for name, value in host.items()})
-    every = dict(host)
-    for rank, states in enumerate(gathered):
-        if rank > 0:
-            every.update(
-                {f"{_WORKER.format(rank)}{n}": np.asarray(v, host[n].dtype) for n, v in states.items()}
-            )
-    return every
+        return host, metrics
+    gathered = coordinator.gather(
+        {
+            "host": {name: value.tolist() for name, value in host.items()},
+            "metrics": {path: value.tolist() for path, value in metrics.items()},
+        }
+    )
+    every_host = dict(host)
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        prefix = _WORKER.format(rank)
+        every_host.update({prefix + n: np.asarray(v, host[n].dtype) for n, v in theirs["host"].items()})
+    every_metrics = {
+        path: np.concatenate([np.asarray(theirs["metrics"][path], value.dtype) for theirs in gathered])
+        for path, value in metrics.items()
+    }
+    return every_host, every_metrics
 
 
 def _own_host(extra: rng.Arrays, coordinator: Coordinator) -> rng.Arrays:

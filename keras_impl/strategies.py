@@ -85,9 +85,10 @@ def check(strategy: tf.distribute.Strategy, flavour: Any, per_epoch: bool) -> No
 def topology(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     """The shape of the job, as the manifest records it: strategy kind, processes that run ``fit``
     (workers), replicas, and the cluster's jobs."""
+    found = kind(strategy)
     return {
-        "strategy": kind(strategy),
-        "workers": coordinator.workers(strategy) if kind(strategy) == "MultiWorkerMirrored" else 1,
+        "strategy": found,
+        "workers": coordinator.workers(strategy) if found == "MultiWorkerMirrored" else 1,
         "replicas": int(strategy.num_replicas_in_sync),
         "cluster": coordinator.cluster_jobs(strategy),
     }

@@ -1,4 +1,4 @@
-"""The resume contract (shared/DESIGN.md), one scenario at a time, for both adapters alike."""
+"""The resume contract (README: "The contract in brief"), one scenario at a time, for every adapter alike."""
 
 from __future__ import annotations
 
