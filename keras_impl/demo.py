@@ -5,8 +5,9 @@ both take ``--backup-dir DIR --out OUT.json [--epochs 10] [--seed 0]
 [--batch-sleep 0.0] [--save-freq epoch|N|false] [--shuffle] [--dropout RATE] [--hidden 16]
 [--save-before-preemption [SIGNAL ...]] [--keep-previous] [--mirrored]``
 
-Prints ``UB-EVENT {json}`` lines on stdout (start, epoch, done); writes the final weights to OUT.json
-(and their ``weights_sha256``: of the float64 little-endian bytes, in the same order).
+Prints ``UB-EVENT {json}`` lines on stdout (start, epoch with its loss, done); writes the final weights
+to OUT.json (and their ``weights_sha256``: of the float64 little-endian bytes, in the same order; and
+``losses``: epoch -> loss for the epochs this run trained).
 Run it again with the same ``--backup-dir`` after a kill, and it resumes; the final weights equal
 those of an uninterrupted run. ``--shuffle`` reshuffles the samples at every epoch's start (a
 ``keras.utils.PyDataset`` drawing from NumPy's global generator, read with ``fit(shuffle=True)``;
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     backup = BackupAndRestore(args.backup_dir, **callback_options(args))
     epochs_run: list[int] = []
+    losses: dict[int, float] = {}  # epoch -> its mean training loss, for epochs trained in this fit
 
     class Events(keras.callbacks.Callback):
         """Placed after BackupAndRestore, so its hooks see the restore and each backup done."""
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
                 time.sleep(args.batch_sleep)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            emit("epoch", epoch=epoch)
+            losses[epoch] = float(logs["loss"])
+            emit("epoch", epoch=epoch, loss=losses[epoch])
 
     data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
     model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])
@@ -137,7 +140,15 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
     weights = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in model.get_weights()])
     with open(args.out, "w", encoding="utf-8") as f:
         digest = hashlib.sha256(weights.astype("<f8").tobytes()).hexdigest()
-        json.dump({"framework": framework, "weights": weights.tolist(), "weights_sha256": digest}, f)
+        json.dump(
+            {
+                "framework": framework,
+                "weights": weights.tolist(),
+                "weights_sha256": digest,
+                "losses": {str(epoch): loss for epoch, loss in losses.items()},
+            },
+            f,
+        )
     return 0
 
 

@@ -160,7 +160,8 @@ class KerasTrainingState:
         except (tf.errors.OpError, ValueError, IndexError) as exc:
             raise CorruptBackupError(
                 f"The checkpoint {prefix} cannot be read ({exc}). Expected the checkpoint that the "
-                "manifest's checksums vouch for; nothing was loaded. Delete the backup to start fresh."
+                "manifest's checksums vouch for; nothing was loaded. Delete the backup "
+                "(`unified-backup delete BACKUP_DIR`) to start fresh."
             ) from exc
         extra = _read_extra(directory / EXTRA_FILE)
         expected = {"epoch": manifest.epoch, "step_in_epoch": manifest.step_in_epoch}
@@ -168,23 +169,26 @@ class KerasTrainingState:
             raise CorruptBackupError(
                 f"The checkpoint {prefix} holds counters {stored}, but the manifest says {expected}. "
                 "They are committed together, so the backup was altered; nothing was loaded. "
-                "Delete the backup to start fresh."
+                "Delete the backup (`unified-backup delete BACKUP_DIR`) to start fresh."
             )
         try:
             self._checkpoint.restore(prefix).assert_existing_objects_matched()
         except (AssertionError, ValueError) as exc:
             raise IncompatibleBackupError(
                 f"The checkpoint {prefix} does not match the model and optimizer being trained ({exc}). "
-                "Restore the original model and optimizer to resume, or delete the backup to start fresh."
+                "Restore the original model and optimizer to resume, or delete the backup "
+                "(`unified-backup delete BACKUP_DIR`) to start fresh."
             ) from exc
         except (tf.errors.OpError, IndexError) as exc:
             raise CorruptBackupError(
-                f"Restoring the checkpoint {prefix} failed ({exc}). Delete the backup to start fresh."
+                f"Restoring the checkpoint {prefix} failed ({exc}). Delete the backup (`unified-backup "
+                "delete BACKUP_DIR`) to start fresh."
             ) from exc
         if self.global_step != manifest.global_step:
             raise CorruptBackupError(
                 f"The optimizer's step counter restored from {prefix} is {self.global_step}, but the "
-                f"manifest says global_step={manifest.global_step}. Delete the backup to start fresh."
+                f"manifest says global_step={manifest.global_step}. Delete the backup (`unified-backup "
+                "delete BACKUP_DIR`) to start fresh."
             )
         host = _own_host(extra, coordinator)
         rng.restore_device(extra)  # first: creating Keras's global seed generator draws from `random`
@@ -311,7 +315,8 @@ def _read_extra(path: Path) -> rng.Arrays:
     if not path.exists():
         raise CorruptBackupError(
             f"{path} is missing. Expected the random-number generator and metric state saved with every "
-            "checkpoint; nothing was loaded. Delete the backup to start fresh."
+            "checkpoint; nothing was loaded. Delete the backup (`unified-backup delete BACKUP_DIR`) to "
+            "start fresh."
         )
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -319,7 +324,7 @@ def _read_extra(path: Path) -> rng.Arrays:
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptBackupError(
             f"{path} cannot be read ({exc}). Expected the RNG and metric state written with the checkpoint; "
-            "nothing was loaded. Delete the backup to start fresh."
+            "nothing was loaded. Delete the backup (`unified-backup delete BACKUP_DIR`) to start fresh."
         ) from exc
 
 
@@ -329,6 +334,7 @@ def _checkpoint_prefix(directory: Path) -> str:
     if state is None or not state.model_checkpoint_path:
         raise CorruptBackupError(
             f"{directory} holds no TensorFlow checkpoint state file ('checkpoint'). Expected the files "
-            "tf.train.CheckpointManager writes; delete the backup to start fresh."
+            "tf.train.CheckpointManager writes; delete the backup (`unified-backup delete BACKUP_DIR`) "
+            "to start fresh."
         )
     return str(directory / Path(state.model_checkpoint_path).name)

@@ -4,8 +4,9 @@
 [--hidden 16] [--save-before-preemption [SIGNAL ...]] [--keep-previous]``
 
 Trains the demo MLP with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines on stdout
-(start, one per closed epoch, done); writes the final weights, and their sha256, to ``--out`` on
-success. Used by ``unified-backup demo``, the conformance scenarios and the fault campaign.
+(start, one per closed epoch with its mean loss, done); writes the final weights, their sha256 and
+the losses of the epochs it trained to ``--out`` on success. Used by ``unified-backup demo``, the
+conformance scenarios and the fault campaign.
 ``--shuffle`` reshuffles the samples every epoch (``DataLoader(shuffle=True)``, drawing from torch's
 global generator); ``--dropout RATE`` adds a Dropout layer after the hidden one: a killed and
 resumed run still ends bit-identical to an uninterrupted one, with ``--save-freq N`` too.
@@ -49,7 +50,9 @@ class DemoModel(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)  # the epoch's mean, for the demo's curves
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -70,6 +73,7 @@ class Events(L.Callback):
         self.batch_sleep = batch_sleep
         self.epochs_run = 0
         self.closed = False
+        self.losses: dict[int, float] = {}  # epoch -> its mean training loss, for epochs trained here
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restored = self.backup.restored
@@ -85,6 +89,7 @@ class Events(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.closed = True
+        self.losses[trainer.current_epoch] = float(trainer.callback_metrics["train_loss"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_closed(trainer)
@@ -93,7 +98,8 @@ class Events(L.Callback):
         # BackupAndRestore backs up an epoch once it is closed: at the next epoch's start or at the end.
         if self.closed:
             self.closed = False
-            emit("epoch", epoch=trainer.current_epoch - 1)
+            epoch = trainer.current_epoch - 1
+            emit("epoch", epoch=epoch, loss=self.losses[epoch])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         [t.detach().cpu().double().numpy().ravel() for t in model.net.state_dict().values()]
     )
     digest = hashlib.sha256(weights.astype("<f8").tobytes()).hexdigest()
-    out = {"framework": "lightning", "weights": weights.tolist(), "weights_sha256": digest}
+    out = {
+        "framework": "lightning",
+        "weights": weights.tolist(),
+        "weights_sha256": digest,
+        "losses": {str(epoch): loss for epoch, loss in events.losses.items()},
+    }
     args.out.write_text(json.dumps(out))
     return 0
 

@@ -134,7 +134,8 @@ class LightningState:
                 f"{path} needs to unpickle objects that are not plain tensors or containers "
                 f"({_unpickler_reason(exc)}). "
                 "Expected a checkpoint that loads with torch.load(weights_only=True); restoring it could "
-                "run code stored in the file, so nothing was loaded. Delete the backup to start fresh, and "
+                "run code stored in the file, so nothing was loaded. Delete the backup "
+                "(`unified-backup delete BACKUP_DIR`) to start fresh, and "
                 "keep non-tensor objects (numpy arrays, custom classes) out of hyperparameters and callback "
                 "states."
             ) from exc

@@ -1,37 +1,91 @@
 """The main job, end to end: `unified-backup demo` with real processes and real SIGKILLs."""
 
+import json
+import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
+
+from unified_backup import demo
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FRAMEWORKS = ("keras", "tf_keras", "lightning")
 
 
 @pytest.mark.slow
 @pytest.mark.keras
 @pytest.mark.tf_keras
 @pytest.mark.lightning
-def test_demo_kills_resumes_and_matches(tmp_path):
+def test_demo_kills_resumes_matches_and_draws_the_curves_of_the_runs(tmp_path):
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "unified_backup",
-            "demo",
-            "--kills",
-            "2",
-            "--epochs",
-            "6",
-            "--seed",
-            "7",
-            "--workdir",
-            str(tmp_path),
+            sys.executable, "-m", "unified_backup", "demo", "--kills", "2", "--epochs", "6", "--seed", "7",
+            "--workdir", str(tmp_path),
         ],
         capture_output=True,
         text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    for framework in ("keras", "tf_keras", "lightning"):
-        assert f"{framework}: 2 SIGKILL(s)" in result.stdout
-    assert result.stdout.count("final weights equal to the uninterrupted run: yes") == 3
-    assert result.stdout.count("backup_dir after success: removed") == 3
+    out = result.stdout
+    assert out.splitlines()[0].startswith("Training a small model in keras, tf_keras, lightning")
+    assert re.search(r"About \d+ (seconds|minutes) on 2 CPU cores\.$", out.splitlines()[0])
+    for framework in FRAMEWORKS:
+        assert f"{framework}: 2 SIGKILL(s)" in out
+    assert "resumed from" not in out and "started fresh" not in out  # one wording: demo.resumed_after
+    assert out.count("final weights equal to the uninterrupted run: yes") == 3
+    assert out.count("backup_dir after success: removed") == 3
+    assert f"{demo.PICTURE}: the picture: {tmp_path / demo.PICTURE}" in out
+
+    picture = (tmp_path / demo.PICTURE).read_bytes()
+    assert picture.startswith(PNG_SIGNATURE) and len(picture) > 20_000
+    from matplotlib.image import imread
+
+    pixels = imread(tmp_path / demo.PICTURE)
+    assert pixels.shape[1] > 2 * pixels.shape[0]  # one plot per framework, side by side
+    assert pixels[..., :3].std() > 0.05  # not blank
+
+    curves = json.loads((tmp_path / demo.CURVES).read_text())
+    assert list(curves) == list(FRAMEWORKS)
+    for framework, curve in curves.items():
+        reference_run = json.loads((tmp_path / f"{framework}-reference.json").read_text())
+        resumed_run = json.loads((tmp_path / f"{framework}-resumed.json").read_text())
+        # The uninterrupted curve is that run's own losses; the last attempt's are the resumed run's.
+        assert curve["reference"] == [reference_run["losses"][str(e)] for e in range(6)]
+        assert curve["attempts"][-1]["losses"] == resumed_run["losses"]
+        assert len(curve["kills"]) == 2 and len(curve["attempts"]) == 3
+        assert [a["killed_after_s"] is None for a in curve["attempts"]] == [False, False, True]
+        # Every epoch any attempt trained has the uninterrupted run's loss, bit for bit.
+        trained = {}
+        for attempt in curve["attempts"]:
+            for epoch, loss in attempt["losses"].items():
+                assert loss == curve["reference"][int(epoch)], (framework, epoch)
+                trained[int(epoch)] = loss
+        assert set(trained) == set(range(6)) or len(set(range(6)) - set(trained)) <= 2
+        # Each restart resumed where the kill left the newest backup (or one epoch on, if the kill
+        # fell between a backup and its event line).
+        for kill, attempt in zip(curve["kills"], curve["attempts"][1:], strict=True):
+            assert (attempt["restored_epoch"] or 0) in (kill, kill + 1)
+        for i, attempt in enumerate(curve["attempts"], 1):
+            wording = demo.resumed_after(attempt["restored_epoch"])
+            assert f"[{framework}] attempt {i}: {wording}; " in out  # the progress line
+            assert f"{i:>7}  {wording:<26}  " in out  # the table's row
+        assert curve["max_abs_diff"] == 0
+
+
+def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["matplotlib"] = None  # as if not installed
+        from pathlib import Path
+        from unified_backup import demo
+        print(demo.draw_picture({"keras": {}}, Path(sys.argv[1])))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "matplotlib is not installed: pip install 'unified-backup[demo]'" in result.stdout
+    assert not (tmp_path / demo.PICTURE).exists()

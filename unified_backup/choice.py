@@ -87,5 +87,6 @@ def _check_framework(slot: Slot, manifest: Manifest, framework: str) -> None:
         raise IncompatibleBackupError(
             f"The backup in {slot.directory} was written by {manifest.framework} "
             f"{manifest.framework_version}; this training runs {framework}. Nothing was loaded. "
-            "Use a separate backup_dir for each framework, or delete this backup to start fresh."
+            "Use a separate backup_dir for each framework, or delete this backup (`unified-backup "
+            "delete BACKUP_DIR`) to start fresh."
         )

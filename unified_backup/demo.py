@@ -4,7 +4,8 @@ Each framework's worker (``python -m keras_impl.demo``, ``keras_impl.tf_keras_de
 see ``WORKERS``) trains
 a small model with ``BackupAndRestore`` and prints ``UB-EVENT {json}`` lines. The demo runs it
 once uninterrupted as the reference, then again, killing it with a real SIGKILL at random instants
-and restarting it until it finishes, and compares the final weights.
+and restarting it until it finishes, and compares the final weights and the loss of every epoch
+(``CURVES``, drawn by :mod:`unified_backup.demo_picture` as ``PICTURE``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unified_backup import demo_picture
+
 EVENT_PREFIX = "UB-EVENT "
 WORKERS = {  # framework -> (worker module, modules it needs, the extra that installs them)
     "keras": ("keras_impl.demo", ("tensorflow", "keras"), "keras"),
@@ -34,13 +37,17 @@ WORKERS = {  # framework -> (worker module, modules it needs, the extra that ins
 BATCH_SLEEP = 0.02
 STEPS_PER_EPOCH = 16
 PROCESS_TIMEOUT = 300.0
+SECONDS_PER_PROCESS = 5  # measured on 2 cores: starting each training process dominates
+CURVES = "demo-curves.json"  # the data behind the picture
+PICTURE = "demo-curves.png"
 
 
 @dataclasses.dataclass
 class Attempt:
-    restored_epoch: int | None
+    restored_epoch: int | None  # epochs done in the backup it resumed from; None: a fresh start
     killed_after: float | None  # seconds after the start event; None when it finished
     epochs_seen: int
+    losses: dict[int, float]  # epoch -> mean loss, for the epochs it trained and backed up
 
 
 @dataclasses.dataclass
@@ -52,6 +59,12 @@ class Outcome:
     backup_seconds: float
     train_seconds: float
     leftovers: list[str]
+    reference_losses: list[float]  # epoch by epoch, of the uninterrupted run
+
+
+def resumed_after(restored_epoch: int | None) -> str:
+    """The one wording of a resume point, in the progress lines and the table alike."""
+    return "fresh start" if restored_epoch is None else f"resumed after {restored_epoch} epoch(s)"
 
 
 class Worker:
@@ -173,9 +186,10 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
     say = lambda text: print(f"[{framework}] {text}", flush=True)  # noqa: E731
     ref_out, out = workdir / f"{framework}-reference.json", workdir / f"{framework}-resumed.json"
     say("reference run, uninterrupted ...")
-    _, _, done = _run_to_end(
+    reference_worker, _, done = _run_to_end(
         worker_argv(framework, workdir / f"{framework}-reference", ref_out, epochs=epochs)
     )
+    reference_losses = [loss for _, loss in sorted(_losses(reference_worker).items())]
     say(f"  done: {done['backups']} backups took {done['backup_seconds']:.2f} s")
     backup_dir = workdir / f"{framework}-backup"
     expected = epochs * STEPS_PER_EPOCH * BATCH_SLEEP
@@ -188,7 +202,7 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
             raise RuntimeError(f"the {framework} worker did not start:\n{worker.failure()}")
         began = time.monotonic()
         restored = start.get("restored_epoch")
-        resumed = "started fresh" if restored is None else f"resumed after epoch {restored}"
+        resumed = resumed_after(restored)
         if len(attempts) < kills:
             remaining = expected * (1 - (restored or 0) / epochs)
             delay = rng.uniform(0.1, 0.8) * remaining
@@ -196,7 +210,7 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
             if worker.proc.poll() is None:
                 worker.kill()
                 seen = sum(1 for e in worker.events if e["event"] == "epoch")
-                attempts.append(Attempt(restored, delay, seen))
+                attempts.append(Attempt(restored, delay, seen, _losses(worker)))
                 say(
                     f"attempt {len(attempts)}: {resumed}; "
                     f"SIGKILL after {delay:.2f} s ({seen} epoch(s) backed up)"
@@ -208,7 +222,7 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
             raise RuntimeError(f"the {framework} worker failed with exit code {code}:\n{worker.failure()}")
         done = final
         seen = sum(1 for e in worker.events if e["event"] == "epoch")
-        attempts.append(Attempt(restored, None, seen))
+        attempts.append(Attempt(restored, None, seen, _losses(worker)))
         say(f"attempt {len(attempts)}: {resumed}; ran to the end ({seen} epoch(s))")
         break
     reference = json.loads(ref_out.read_text())["weights"]
@@ -217,17 +231,47 @@ def run_framework(framework: str, workdir: Path, *, kills: int, epochs: int, rng
     leftovers = sorted(p.name for p in backup_dir.iterdir()) if backup_dir.exists() else []
     train_seconds = time.monotonic() - began
     return Outcome(
-        framework, attempts, diff, done["backups"], done["backup_seconds"], train_seconds, leftovers
+        framework,
+        attempts,
+        diff,
+        done["backups"],
+        done["backup_seconds"],
+        train_seconds,
+        leftovers,
+        reference_losses,
     )
+
+
+def _losses(worker: Worker) -> dict[int, float]:
+    return {e["epoch"]: e["loss"] for e in worker.events if e["event"] == "epoch"}
+
+
+def curve(outcome: Outcome) -> dict[str, Any]:
+    """The data behind one framework's plot: what ``CURVES`` holds, and the picture shows."""
+    return {
+        "reference": outcome.reference_losses,
+        "attempts": [
+            {
+                "restored_epoch": a.restored_epoch,
+                "killed_after_s": a.killed_after,
+                "losses": {str(epoch): loss for epoch, loss in sorted(a.losses.items())},
+            }
+            for a in outcome.attempts
+        ],
+        # epochs done when each SIGKILL came: it hit the epoch after them
+        "kills": [
+            (a.restored_epoch or 0) + a.epochs_seen for a in outcome.attempts if a.killed_after is not None
+        ],
+        "max_abs_diff": outcome.max_abs_diff,
+    }
 
 
 def print_table(outcome: Outcome) -> None:
     print(f"\n{outcome.framework}: {sum(a.killed_after is not None for a in outcome.attempts)} SIGKILL(s)")
-    print(f"  {'attempt':>7}  {'resumed from':>14}  {'outcome':<28}")
+    print(f"  {'attempt':>7}  {'start':<26}  {'outcome':<28}")
     for i, attempt in enumerate(outcome.attempts, 1):
-        origin = "fresh start" if attempt.restored_epoch is None else f"epoch {attempt.restored_epoch}"
         result = "finished" if attempt.killed_after is None else f"SIGKILL after {attempt.killed_after:.2f} s"
-        print(f"  {i:>7}  {origin:>14}  {result:<28}")
+        print(f"  {i:>7}  {resumed_after(attempt.restored_epoch):<26}  {result:<28}")
     equal = "yes" if outcome.max_abs_diff == 0 else ("close" if outcome.max_abs_diff < 1e-5 else "NO")
     print(
         f"  final weights equal to the uninterrupted run: {equal} "
@@ -240,6 +284,17 @@ def print_table(outcome: Outcome) -> None:
     print(f"  backup_dir after success: {'removed' if not outcome.leftovers else outcome.leftovers}")
 
 
+def _duration(seconds: float) -> str:
+    return f"{round(seconds / 15) * 15 or 15} seconds" if seconds < 120 else f"{round(seconds / 60)} minutes"
+
+
+def draw_picture(curves: dict[str, dict[str, Any]], root: Path) -> str:
+    """Draw ``PICTURE`` in ``root`` from ``curves``; the line that says where it is, or why there is none."""
+    if not demo_picture.available():
+        return f"no picture: {demo_picture.MISSING}"
+    return f"{PICTURE}: the picture: {demo_picture.draw(curves, root / PICTURE)}"
+
+
 def run(
     frameworks: list[str],
     *,
@@ -247,11 +302,19 @@ def run(
     epochs: int = 12,
     seed: int | None = None,
     workdir: str | None = None,
+    picture: bool = True,
 ) -> int:
     """Run the demo for ``frameworks``; return 0 when every resumed run matched its reference."""
     rng = random.Random(seed)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="unified-backup-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    seconds = len(frameworks) * (kills + 2) * SECONDS_PER_PROCESS  # a reference run, kills + 1 attempts
+    print(
+        f"Training a small model in {', '.join(frameworks)}: once uninterrupted, then again with "
+        f"{kills} SIGKILL(s) at random instants, restarted each time until it finishes; then the final "
+        f"weights and the loss curves are compared. About {_duration(seconds)} on 2 CPU cores.",
+        flush=True,
+    )
     outcomes, failed = [], False
     for framework in frameworks:
         missing = [m for m in WORKERS[framework][1] if importlib.util.find_spec(m) is None]
@@ -271,5 +334,13 @@ def run(
     for outcome in outcomes:
         print_table(outcome)
         failed |= not outcome.max_abs_diff < 1e-5 or bool(outcome.leftovers)
+    curves = {outcome.framework: curve(outcome) for outcome in outcomes}
+    (root / CURVES).write_text(json.dumps(curves, indent=1))
     print(f"\nworking folder: {root}")
+    for framework in curves:
+        print(f"  {framework}-reference.json, {framework}-resumed.json: final weights and losses of each run")
+    print(f"  {CURVES}: the loss of every epoch of every run and attempt, and the SIGKILLs")
+    if picture and curves:
+        print(f"  {draw_picture(curves, root)}")
+    print("  (the backups were in <framework>-backup/ and <framework>-reference/, removed on success)")
     return 1 if failed else 0

@@ -42,5 +42,6 @@ def check(stored: Mapping[str, str], live: Mapping[str, str], source: str) -> No
         f"The backup in {source} was written for a different model or optimizer; "
         f"{len(lines)} variable(s) differ:\n  {shown}{more}\n"
         "Nothing was loaded. Restore the original model and optimizer to resume, "
-        "or delete the backup (or use another backup_dir) to start fresh."
+        "or delete the backup (`unified-backup delete BACKUP_DIR`) (or use another backup_dir) to "
+        "start fresh."
     )

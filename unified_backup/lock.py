@@ -3,7 +3,7 @@
 The lock is an ``flock`` on ``.unified-backup.lock``, so the kernel drops it when its process
 dies (forked children close their inherited copy, so they cannot keep it alive). The file
 records the owner; finding the file but taking the lock means its writer died without cleaning
-up, and the lock is taken over with a warning.
+up (a crash, a kill), and the lock is taken over, logged at INFO: the usual path of a resume.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class DirectoryLock:
                 break
             os.close(fd)
         previous = _read_owner(fd)
-        if previous != "unknown owner":
-            log.warning(
+        if previous != "unknown owner":  # the usual path of a resume after a crash: not an alarm
+            log.info(
                 "Taking over the lock on %s left by a process that is gone (%s).", self.path.parent, previous
             )
         record = {
@@ -119,7 +119,7 @@ class DirectoryLock:
         holder, thread_id = held
         alive = {t.ident for t in threading.enumerate()}
         if thread_id == threading.get_ident() or thread_id not in alive:
-            log.warning(
+            log.info(
                 "Taking over the lock on %s left by an earlier fit in this process that did not finish.",
                 self.path.parent,
             )

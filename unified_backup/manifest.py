@@ -132,7 +132,8 @@ class Manifest:
         except ValueError as exc:
             raise CorruptBackupError(
                 f"{source} is not valid JSON ({exc}). Expected the manifest that unified-backup writes "
-                "last when it commits a backup. Delete the backup folder's contents to start fresh, "
+                "last when it commits a backup. Delete the backup (`unified-backup delete BACKUP_DIR`) "
+                "to start fresh, "
                 "or restore the file from a copy."
             ) from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT:
@@ -145,14 +146,15 @@ class Manifest:
         if not isinstance(version, int) or version != VERSION:
             raise UnsupportedFormatError(
                 f"{source} has manifest version {version!r}; this unified-backup reads version {VERSION}. "
-                "Upgrade unified-backup to restore it, or delete the backup to start fresh."
+                "Upgrade unified-backup to restore it, or delete the backup (`unified-backup delete "
+                "BACKUP_DIR`) to start fresh."
             )
         stored = body.pop("manifest_checksum", None)
         if stored != _digest(body):
             raise CorruptBackupError(
                 f"{source} fails its own checksum (expected {stored!r}, computed {_digest(body)!r}): "
                 "the manifest was altered after it was committed. The backup cannot be trusted; "
-                "delete it to start fresh."
+                "delete it (`unified-backup delete BACKUP_DIR`) to start fresh."
             )
         try:
             files = {
@@ -174,7 +176,7 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptBackupError(
                 f"{source} lacks a required field or has a wrong type ({exc!r}). "
-                "The backup cannot be trusted; delete it to start fresh."
+                "The backup cannot be trusted; delete it (`unified-backup delete BACKUP_DIR`) to start fresh."
             ) from exc
 
 

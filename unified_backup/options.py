@@ -65,6 +65,7 @@ class BackupOptions:
                 "This version writes to local (or locally mounted) folders only; remote URIs are not "
                 "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
             )
+        _check_is_a_folder(Path(backup_dir))
         if (
             save_freq is not False
             and save_freq != EPOCH
@@ -112,3 +113,19 @@ class BackupOptions:
     def periodic(self) -> bool:
         """Whether backups are made as training goes (``save_freq`` is not ``False``)."""
         return self.save_freq is not False
+
+
+def _check_is_a_folder(backup_dir: Path) -> None:
+    """Refuse a ``backup_dir`` that is a file, or lies under one, before ``fit`` tries to use it."""
+    for path in (backup_dir, *backup_dir.parents):
+        if path.exists():
+            break
+    else:
+        return
+    if not path.is_dir():
+        where = "is a file" if path == backup_dir else f"lies under {str(path)!r}, which is a file"
+        raise InvalidArgumentError(
+            f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}, which "
+            f"{where}, not a folder. Expected a folder (existing or not) for the backup; choose another "
+            "path. The file is left as it is."
+        )

@@ -92,33 +92,36 @@ class Slot:
         if _PAYLOAD_NAME.fullmatch(manifest.payload) is None or not payload.is_dir():
             raise CorruptBackupError(
                 f"{record} names payload folder {manifest.payload!r}, which does not exist "
-                f"in {self.directory}. The backup is incomplete; delete it to start fresh."
+                f"in {self.directory}. The backup is incomplete; delete it (`unified-backup delete "
+                "BACKUP_DIR`) to start fresh."
             )
         found = _relative_files(payload)
         for name in sorted(found - manifest.files.keys()):
             raise CorruptBackupError(
                 f"{payload / name} is not listed in the manifest: expected only the files the backup "
-                "committed. Remove that file, or delete the backup to start fresh."
+                "committed. Remove that file, or delete the backup (`unified-backup delete "
+                "BACKUP_DIR`) to start fresh."
             )
         for name, entry in sorted(manifest.files.items()):
             path = payload / name
             if name not in found:
                 raise CorruptBackupError(
                     f"{path} is missing: the manifest lists it with {entry.bytes} bytes. The backup is "
-                    "incomplete; delete it to start fresh."
+                    "incomplete; delete it (`unified-backup delete BACKUP_DIR`) to start fresh."
                 )
             size = path.stat().st_size
             if size != entry.bytes:
                 raise CorruptBackupError(
                     f"{path} has {size} bytes; the manifest expects {entry.bytes} (truncated or "
-                    "overwritten). Nothing was loaded; delete the backup to start fresh."
+                    "overwritten). Nothing was loaded; delete the backup (`unified-backup delete "
+                    "BACKUP_DIR`) to start fresh."
                 )
             digest = checksum_file(path, sync=False)
             if digest != entry.checksum:
                 raise CorruptBackupError(
                     f"{path} fails its {CHECKSUM_ALGORITHM} check: expected {entry.checksum}, computed "
                     f"{digest}. The file was altered after the commit; nothing was loaded. Delete the "
-                    "backup to start fresh."
+                    "backup (`unified-backup delete BACKUP_DIR`) to start fresh."
                 )
 
     # -- writing ---------------------------------------------------------------------------
@@ -202,8 +205,8 @@ class Slot:
             if staged or entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
-        if removed:
-            log.warning(
+        if removed:  # what a kill inside a write leaves: the usual path of a resume, not an alarm
+            log.info(
                 "Removed %d leftover(s) in %s (incomplete backups, temporary files, or a previous backup "
                 "no longer kept): %s",
                 len(removed),

@@ -11,11 +11,10 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from tests.harness import Worker
-from unified_backup import (
-    Slot,
-)
+from unified_backup import InvalidArgumentError, Slot
 from unified_backup.lock import LOCK_NAME
 
 from .driver import STEPS_PER_EPOCH
@@ -164,7 +163,7 @@ HOLD_LOCK = textwrap.dedent(
 )
 
 
-def test_lock_of_a_dead_process_is_taken_over_with_a_warning(driver, tmp_path, caplog):
+def test_lock_of_a_dead_process_is_taken_over_without_alarm(driver, tmp_path, caplog):
     backup_dir = tmp_path / "backup"
     interrupted_backup(driver, backup_dir)
     holder = subprocess.Popen(
@@ -173,7 +172,17 @@ def test_lock_of_a_dead_process_is_taken_over_with_a_warning(driver, tmp_path, c
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait(10)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         result = driver.fit(driver.new_run(seed=1), backup_dir, epochs=4)
     assert result.error is None and result.epochs_run == [2, 3]
-    assert f"left by a process that is gone (pid {holder.pid}" in caplog.text
+    (takeover,) = [r for r in caplog.records if "left by a process that is gone" in r.getMessage()]
+    assert f"(pid {holder.pid}" in takeover.getMessage() and takeover.levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("unified")]
+
+
+def test_a_file_as_backup_dir_is_refused_before_fit_and_left_untouched(driver, tmp_path):
+    file = tmp_path / "backup"
+    file.write_bytes(b"not a folder")
+    with pytest.raises(InvalidArgumentError, match="which is a file, not a folder"):
+        driver.fit(driver.new_run(), file, epochs=1)
+    assert file.read_bytes() == b"not a folder"

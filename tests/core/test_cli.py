@@ -1,9 +1,13 @@
+import argparse
 import json
+import signal
 import subprocess
 import sys
 
+from tests.core.test_kill import HOLD_LOCK, start
 from unified_backup import Slot
-from unified_backup.cli import main
+from unified_backup.cli import EXIT_NO_BACKUP, EXIT_USAGE, build_parser, main
+from unified_backup.lock import LOCK_NAME
 
 
 def cli(*args):
@@ -26,16 +30,104 @@ def test_verify_ok_then_bad_with_the_reason(committed):
     victim = slot.payload_dir(slot.read_manifest()) / "sub" / "extra.bin"
     victim.write_bytes(b"xx" + victim.read_bytes()[2:])
     bad = cli("verify", str(committed))
-    assert bad.returncode == 1
+    assert bad.returncode == 1  # damaged: not the "no backup" code
     assert "CorruptBackupError" in bad.stderr and "sub/extra.bin fails its sha256 check" in bad.stderr
 
 
-def test_nothing_committed_is_a_clear_error(tmp_path):
+def test_no_backup_has_its_own_exit_code_apart_from_damaged(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = cli("inspect", str(tmp_path / "empty"))
-    assert result.returncode == 1 and "holds no committed backup" in result.stderr
-    result = cli("verify", str(tmp_path / "missing"))
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    for command in ("inspect", "verify", "delete"):
+        result = cli(command, str(tmp_path / "empty"))
+        assert result.returncode == EXIT_NO_BACKUP == 3, result.stderr
+        assert "NoBackupError" in result.stderr
+        result = cli(command, str(tmp_path / "missing"))
+        assert result.returncode == EXIT_NO_BACKUP and "does not exist" in result.stderr
+    assert "holds no committed backup" in cli("verify", str(tmp_path / "empty")).stderr
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_file_is_named_as_a_file_not_as_missing(tmp_path):
+    file = tmp_path / "manifest.json"
+    file.write_text("{}")
+    for command in ("inspect", "verify", "delete"):
+        result = cli(command, str(file))
+        assert result.returncode == EXIT_USAGE == 2
+        assert (
+            f"{file} is a file, not a backup folder" in result.stderr
+            and "does not exist" not in result.stderr
+        )
+    assert file.read_text() == "{}"
+
+
+def test_verify_json_on_success_on_damage_and_on_nothing(committed, tmp_path):
+    good = cli("verify", "--json", str(committed))
+    body = json.loads(good.stdout)
+    assert good.returncode == 0 and body["ok"] and body["exit_code"] == 0 and body["error"] is None
+    manifest = Slot(committed).read_manifest()
+    assert body["backup"]["payload"] == manifest.payload and body["backup"]["global_step"] == 16
+    assert body["backup"]["files"] == 2 and body["previous"] is None
+    victim = Slot(committed).payload_dir(manifest) / "weights.bin"
+    victim.write_bytes(b"damaged")
+    bad = cli("verify", "--json", str(committed))
+    body = json.loads(bad.stdout)
+    assert bad.returncode == 1 and not body["ok"] and body["exit_code"] == 1
+    assert body["error"]["type"] == "CorruptBackupError" and "weights.bin" in body["error"]["message"]
+    none = cli("verify", "--json", str(tmp_path / "missing"))
+    assert none.returncode == 3 and json.loads(none.stdout)["error"]["type"] == "NoBackupError"
+
+
+def test_delete_removes_only_the_library_files_even_of_a_damaged_backup(committed):
+    (committed / "notes.txt").write_text("mine")
+    (committed / "payload-images").mkdir()  # a user's folder that merely looks like ours
+    (committed / "manifest.json").write_text("{ damaged")
+    assert cli("verify", str(committed)).returncode == 1
+    result = cli("delete", str(committed))
+    assert result.returncode == 0, result.stderr
+    assert "manifest.json" in result.stdout and "payload-" in result.stdout
+    assert sorted(p.name for p in committed.iterdir()) == [
+        ".unified-backup-created",
+        "notes.txt",
+        "payload-images",
+    ]
+    assert (committed / "notes.txt").read_text() == "mine"
+    assert cli("verify", str(committed)).returncode == 3
+
+
+def test_delete_removes_a_folder_the_library_made_once_empty(committed):
+    result = cli("delete", str(committed))
+    assert result.returncode == 0 and "removed" in result.stdout
+    assert not committed.exists()
+
+
+def test_delete_is_refused_while_a_live_training_owns_the_folder(committed):
+    before = {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*") if p.is_file()}
+    owner = start(HOLD_LOCK, str(committed))
+    try:
+        result = cli("delete", str(committed))
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+    assert result.returncode == 1 and "BackupDirInUseError" in result.stderr
+    assert f"pid {owner.pid}" in result.stderr
+    after = {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.name != LOCK_NAME} == before
+    assert cli("verify", str(committed)).returncode == 0
+
+
+def test_version_and_help_are_plain_text_with_every_argument_explained():
+    from unified_backup import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"unified-backup {__version__}"
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = cli(name, "--help").stdout
+        assert "``" not in text and ":class:" not in text and ":meth:" not in text, text
+        assert "exit codes" in text or name == "demo"
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest} has no help text"
+    assert "3  no backup" in cli("--help").stdout
 
 
 def test_the_demo_offers_every_worker_and_runs_all_by_default():

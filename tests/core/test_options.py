@@ -43,3 +43,14 @@ def test_preemption_signals(tmp_path):
 def test_bad_preemption_signals(tmp_path, value):
     with pytest.raises(InvalidArgumentError, match=r"save_before_preemption.*Expected True \(SIGTERM\)"):
         BackupOptions(tmp_path, save_before_preemption=value)
+
+
+def test_a_file_is_refused_as_backup_dir_and_left_untouched(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(InvalidArgumentError, match=r"notes.txt'?, which is a file, not a folder"):
+        BackupOptions(file)
+    with pytest.raises(InvalidArgumentError, match=r"lies under .*notes.txt', which is a file"):
+        BackupOptions(file / "backup")
+    assert file.read_text() == "mine"
+    BackupOptions(tmp_path / "new" / "backup")  # a folder still to be made is fine

@@ -1,0 +1,25 @@
+"""The quick tier: ``python -m pytest -m quick`` runs every contract point once, in a few minutes.
+
+It is the core's unit tests, the documents' checks and the conformance suite for every adapter,
+less the scenarios that repeat a point through another real process (a second signal, a SIGKILL
+at step granularity: ``tests/conformance/test_contract.py`` already kills a real process).
+The full suite, what CI runs, is ``python -m pytest``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+QUICK_PATHS = ("tests/core/", "tests/conformance/", "tests/test_docs.py", "tests/test_demo.py")
+REPEATS = (  # node ids containing these stay in the full suite only
+    "test_sigkill_at_step_granularity_with_shuffle_and_dropout",
+    "-SIGUSR1]",
+    "-save_freq=False]",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        quick = item.nodeid.startswith(QUICK_PATHS) and not any(r in item.nodeid for r in REPEATS)
+        if quick and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
