@@ -1,4 +1,5 @@
-"""The quick tier: ``python -m pytest -m quick`` runs every contract point once, in a few minutes.
+"""The quick tier: ``python -m pytest -m quick`` runs, in a few minutes, every contract point that one
+process can show (not point 8, distributed runs: ``-m multiprocess``).
 
 It is the core's unit tests, the documents' checks and the conformance suite for every adapter,
 less the scenarios that repeat a point through another real process (a second signal, a SIGKILL

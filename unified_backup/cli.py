@@ -19,8 +19,8 @@ from typing import Any
 from unified_backup import __version__
 from unified_backup.errors import BackupError, InvalidArgumentError, NoBackupError
 from unified_backup.lock import LOCK_NAME, DirectoryLock
-from unified_backup.manifest import MANIFEST_NAME, PREVIOUS_NAME, Manifest
-from unified_backup.slot import Slot, is_payload
+from unified_backup.manifest import Manifest
+from unified_backup.slot import Slot
 
 EXIT_OK = 0
 EXIT_BAD = 1  # the backup is damaged or refused, or another failure the message names
@@ -148,23 +148,26 @@ def _delete(args: argparse.Namespace) -> int:
     slot = _folder(args.dir)
     if not slot.directory.is_dir():
         raise NoBackupError(f"{args.dir} does not exist: nothing to delete.")
+    stale_lock = (slot.directory / LOCK_NAME).exists()  # left by a dead process; released below
     lock = DirectoryLock(slot.directory)
     lock.acquire()  # a live training keeps its backup: BackupDirInUseError
     try:
-        ours = sorted(
-            entry.name
-            for entry in slot.directory.iterdir()
-            if is_payload(entry) or entry.name.startswith(MANIFEST_NAME) or entry.name == PREVIOUS_NAME
-        )
-        slot.delete()
+        removed = slot.delete()
     finally:
         lock.release()
+    if stale_lock:
+        removed.append(LOCK_NAME)
     slot.prune()  # the folder itself, only if the library made it and nothing else is in it
-    if not ours:
+    if not slot.directory.exists():
+        what = ", ".join(removed) or "empty"
+        print(f"Deleted {args.dir}: the library made it and it held nothing else ({what}).")
+        return EXIT_OK
+    if not removed:
         raise NoBackupError(f"{args.dir} holds no backup files: nothing deleted; your files are untouched.")
-    kept = sorted(p.name for p in slot.directory.iterdir()) if slot.directory.is_dir() else []
-    print(f"Deleted from {args.dir}: {', '.join(ours)} (and its lock file {LOCK_NAME}).")
-    print(f"Left in place: {', '.join(kept)}." if kept else f"{args.dir} was the library's own: removed.")
+    kept = sorted(p.name for p in slot.directory.iterdir())
+    print(f"Deleted from {args.dir}: {', '.join(removed)}.")
+    if kept:
+        print(f"Left in place (not the library's backup): {', '.join(kept)}.")
     return EXIT_OK
 
 
@@ -262,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
-    except BackupError as exc:
+    except (BackupError, OSError) as exc:  # OSError: e.g. manifest.json is a folder, or unreadable
         code = _exit_code(exc)
         if getattr(args, "json", False) and args.command == "verify":
             _print_json(args.dir, code, error={"type": type(exc).__name__, "message": str(exc)})
@@ -271,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
 
-def _exit_code(exc: BackupError) -> int:
+def _exit_code(exc: Exception) -> int:
     if isinstance(exc, NoBackupError):
         return EXIT_NO_BACKUP
     if isinstance(exc, InvalidArgumentError):

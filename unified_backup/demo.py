@@ -76,7 +76,8 @@ class Worker:
         self.events: list[dict] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
-        threading.Thread(target=self._read_events, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_events, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_events(self) -> None:
@@ -112,8 +113,10 @@ class Worker:
             raise
 
     def kill(self) -> None:
+        """SIGKILL the process; return once every line it wrote before dying has been read."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self._reader.join(10)
 
     def failure(self) -> str:
         return "".join(self.stderr[-15:])
@@ -258,9 +261,12 @@ def curve(outcome: Outcome) -> dict[str, Any]:
             }
             for a in outcome.attempts
         ],
-        # epochs done when each SIGKILL came: it hit the epoch after them
+        # epochs in the backup when each SIGKILL came (what the next attempt resumed after):
+        # the kill hit the epoch after them
         "kills": [
-            (a.restored_epoch or 0) + a.epochs_seen for a in outcome.attempts if a.killed_after is not None
+            outcome.attempts[i + 1].restored_epoch or 0
+            for i, a in enumerate(outcome.attempts)
+            if a.killed_after is not None
         ],
         "max_abs_diff": outcome.max_abs_diff,
     }
@@ -308,7 +314,8 @@ def run(
     rng = random.Random(seed)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="unified-backup-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    seconds = len(frameworks) * (kills + 2) * SECONDS_PER_PROCESS  # a reference run, kills + 1 attempts
+    training = 1.5 * epochs * STEPS_PER_EPOCH * BATCH_SLEEP  # the killed run, with epochs trained twice
+    seconds = len(frameworks) * ((kills + 2) * SECONDS_PER_PROCESS + training)  # + a reference run
     print(
         f"Training a small model in {', '.join(frameworks)}: once uninterrupted, then again with "
         f"{kills} SIGKILL(s) at random instants, restarted each time until it finishes; then the final "
@@ -342,5 +349,9 @@ def run(
     print(f"  {CURVES}: the loss of every epoch of every run and attempt, and the SIGKILLs")
     if picture and curves:
         print(f"  {draw_picture(curves, root)}")
+    described = {CURVES, PICTURE} | {f"{f}-{kind}.json" for f in curves for kind in ("reference", "resumed")}
+    others = sorted(p.name for p in root.iterdir() if p.name not in described)
+    if others:  # a failed framework's backups, kept so that it can be resumed or looked at
+        print(f"  also: {', '.join(others)} (left by a framework that failed, or by an earlier demo)")
     print("  (the backups were in <framework>-backup/ and <framework>-reference/, removed on success)")
     return 1 if failed else 0

@@ -116,11 +116,23 @@ class BackupOptions:
 
 
 def _check_is_a_folder(backup_dir: Path) -> None:
-    """Refuse a ``backup_dir`` that is a file, or lies under one, before ``fit`` tries to use it."""
-    for path in (backup_dir, *backup_dir.parents):
-        if path.exists():
-            break
-    else:
+    """Refuse a ``backup_dir`` that is a file, lies under one, or is a dangling link, before ``fit``.
+
+    What cannot be looked at now (no permission to search a parent) is left to ``fit``, which names it.
+    """
+    try:
+        if backup_dir.is_symlink() and not backup_dir.exists():
+            raise InvalidArgumentError(
+                f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}, a "
+                f"symbolic link to {os.readlink(backup_dir)!r}, which does not exist. Expected a folder "
+                "(existing or not) for the backup; create the link's target or choose another path."
+            )
+        for path in (backup_dir, *backup_dir.parents):
+            if path.exists():
+                break
+        else:
+            return
+    except OSError:
         return
     if not path.is_dir():
         where = "is a file" if path == backup_dir else f"lies under {str(path)!r}, which is a file"

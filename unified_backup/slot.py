@@ -26,6 +26,7 @@ leaves both records naming the old backup, which is still a valid pair.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ from pathlib import Path
 from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
 from unified_backup.manifest import (
     CHECKSUM_ALGORITHM,
+    FORMAT,
     MANIFEST_NAME,
     PREVIOUS_NAME,
     FileEntry,
@@ -215,22 +217,39 @@ class Slot:
             )
         return removed
 
-    def delete(self) -> None:
+    def delete(self) -> list[str]:
         """Remove the committed backup and every file the library wrote; keep the user's files.
 
-        The previous record goes first, then the manifest, so an interrupted delete leaves either
-        the newest backup or no backup behind, never only an older one.
+        Returns the names removed. The previous record goes first, then the manifest, so an
+        interrupted delete leaves either the newest backup or no backup behind, never only an older
+        one. A record that is not the library's (see :func:`is_our_record`) stays, with a warning.
         """
         if not self.directory.is_dir():
-            return
-        self.previous_path.unlink(missing_ok=True)
-        self.manifest_path.unlink(missing_ok=True)
+            return []
+        removed = []
+        for record in (self.previous_path, self.manifest_path):
+            if not record.is_file():
+                continue
+            if not is_our_record(record):
+                log.warning(
+                    "Left %s in place: it is not a unified-backup manifest, so it is not the library's "
+                    "to delete. Move it out of %s; backup_dir should hold only the library's files.",
+                    record,
+                    self.directory,
+                )
+                continue
+            record.unlink()
+            removed.append(record.name)
         fsync_dir(self.directory)
-        for entry in self.directory.iterdir():
+        for entry in sorted(self.directory.iterdir()):
             if is_payload(entry):
                 shutil.rmtree(entry)
-            elif entry.name.startswith(MANIFEST_NAME + _TMP_MARK):
+            elif entry.name.startswith(MANIFEST_NAME + _TMP_MARK) and entry.is_file():
                 entry.unlink()
+            else:
+                continue
+            removed.append(entry.name)
+        return removed
 
     def claim(self) -> None:
         """Make ``backup_dir`` if it does not exist, marked as the library's own.
@@ -294,6 +313,20 @@ def _read(path: Path) -> Manifest | None:
     except UnicodeDecodeError as exc:
         raise CorruptBackupError(f"{path} is not UTF-8 text ({exc}).") from exc
     return Manifest.from_json(text, source=str(path))
+
+
+def is_our_record(path: Path) -> bool:
+    """Whether the manifest file ``path`` was written by this library, so that deleting it is ours to do.
+
+    A JSON object with ``format: unified-backup`` is ours, whatever else is wrong with it; so is a file
+    that is not JSON at all (a damaged manifest) in a folder that holds one of our payload folders.
+    Valid JSON of any other shape is a user's file that happens to share the name.
+    """
+    try:
+        body = json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not text: ours only beside our own payload
+        return any(is_payload(entry) for entry in path.parent.iterdir())
+    return isinstance(body, dict) and body.get("format") == FORMAT
 
 
 def is_payload(path: Path) -> bool:

@@ -94,9 +94,37 @@ def test_delete_removes_only_the_library_files_even_of_a_damaged_backup(committe
 
 
 def test_delete_removes_a_folder_the_library_made_once_empty(committed):
+    payload = Slot(committed).read_manifest().payload
     result = cli("delete", str(committed))
-    assert result.returncode == 0 and "removed" in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert f"Deleted {committed}: the library made it" in result.stdout
+    assert f"manifest.json, {payload}" in result.stdout and LOCK_NAME not in result.stdout
     assert not committed.exists()
+
+
+def test_delete_names_a_stale_lock_and_leaves_a_users_manifest_json(tmp_path):
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("pid 999999999 on a host long gone")
+    (folder / "manifest.json").write_text('{"format": "my-dataset"}')
+    result = cli("delete", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert f"Deleted from {folder}: {LOCK_NAME}." in result.stdout
+    assert "Left in place (not the library's backup): manifest.json." in result.stdout
+    assert "is not a unified-backup manifest" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
+    assert (folder / "manifest.json").read_text() == '{"format": "my-dataset"}'
+
+
+def test_an_os_error_is_a_clear_failure_and_still_json(tmp_path):
+    (tmp_path / "manifest.json").mkdir()  # a folder where the manifest file should be
+    result = cli("verify", "--json", str(tmp_path))
+    assert result.returncode == 1 and result.stderr == ""
+    body = json.loads(result.stdout)
+    assert body["ok"] is False and body["error"]["type"] == "IsADirectoryError"
+    plain = cli("verify", str(tmp_path))
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert "IsADirectoryError" in plain.stderr and "manifest.json" in plain.stderr
 
 
 def test_delete_is_refused_while_a_live_training_owns_the_folder(committed):

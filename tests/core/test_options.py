@@ -54,3 +54,13 @@ def test_a_file_is_refused_as_backup_dir_and_left_untouched(tmp_path):
         BackupOptions(file / "backup")
     assert file.read_text() == "mine"
     BackupOptions(tmp_path / "new" / "backup")  # a folder still to be made is fine
+
+
+def test_a_dangling_link_is_refused_as_backup_dir_and_a_link_to_a_folder_is_fine(tmp_path):
+    link = tmp_path / "backup"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(InvalidArgumentError, match=r"symbolic link to .*gone', which does not exist"):
+        BackupOptions(link)
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+    (tmp_path / "gone").mkdir()
+    BackupOptions(link)

@@ -72,6 +72,27 @@ def test_delete_keeps_user_files(backup_dir):
     assert sorted(os.listdir(backup_dir)) == ["notes.txt"]
 
 
+def test_delete_never_removes_a_users_file_that_shares_the_manifest_name(backup_dir, caplog):
+    backup_dir.mkdir()
+    (backup_dir / "manifest.json").write_text('{"format": "my-dataset", "rows": 3}')
+    (backup_dir / "manifest.previous.json").write_text("[1, 2]")
+    staged = Slot(backup_dir).stage()  # one of our payload folders beside them
+    assert Slot(backup_dir).delete() == [staged.name]
+    assert (backup_dir / "manifest.json").read_text() == '{"format": "my-dataset", "rows": 3}'
+    assert (backup_dir / "manifest.previous.json").read_text() == "[1, 2]"
+    assert sum("is not a unified-backup manifest" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_delete_removes_a_damaged_manifest_only_beside_a_payload_of_ours(backup_dir):
+    slot = Slot(backup_dir)
+    manifest = commit(slot)
+    (backup_dir / "manifest.json").write_bytes(b"\xff{ damaged")
+    assert slot.delete() == ["manifest.json", manifest.payload]
+    (backup_dir / "manifest.json").write_text("{ a user's half-written file")  # no payload of ours now
+    assert slot.delete() == []
+    assert (backup_dir / "manifest.json").exists()
+
+
 def test_delete_then_prune_removes_an_emptied_folder_the_library_made(backup_dir):
     slot = Slot(backup_dir)
     slot.claim()
