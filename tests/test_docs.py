@@ -47,12 +47,13 @@ def test_readme_and_docs_link_only_to_files_in_the_repository():
 
 
 def test_the_readme_brief_numbers_the_promises_as_the_contract_does():
-    def numbered(text: str) -> list[int]:
-        return [int(n) for n in re.findall(r"^ {0,3}(\d+)\. \*\*", text, flags=re.MULTILINE)]
+    def numbered(text: str) -> list[tuple[int, str]]:
+        found = re.findall(r"^ {0,3}(\d+)\. \*\*([^*]+)\*\*", text, flags=re.MULTILINE)
+        return [(int(n), title) for n, title in found]
 
     contract = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8")
     promises = numbered(contract.split("## The promises", 1)[1].split("\n## ", 1)[0])
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     brief = numbered(readme.split("## The contract in brief", 1)[1].split("\n## ", 1)[0])
-    assert promises == list(range(1, len(promises) + 1))
-    assert brief == promises, "the README's brief has one line per promise of docs/contract.md, same numbers"
+    assert [n for n, _ in promises] == list(range(1, len(promises) + 1))
+    assert brief == promises, "one point per promise of docs/contract.md, same number and title"

@@ -20,7 +20,7 @@ from unified_backup import __version__
 from unified_backup.errors import BackupError, InvalidArgumentError, NoBackupError
 from unified_backup.lock import LOCK_NAME, DirectoryLock
 from unified_backup.manifest import Manifest
-from unified_backup.slot import Slot
+from unified_backup.slot import CREATED_NAME, Slot
 
 EXIT_OK = 0
 EXIT_BAD = 1  # the backup is damaged or refused, or another failure the message names
@@ -32,7 +32,8 @@ exit codes:
   0  done (verify: every file matches its checksum)
   1  the backup is damaged or refused, or backup_dir is in use by a live training
   2  wrong usage: bad arguments, or DIR is a file, not a folder
-  3  no backup: DIR does not exist or holds no committed backup
+  3  no backup: DIR does not exist or holds no committed backup (delete: nothing of the
+     library's to remove)
 """
 
 
@@ -151,8 +152,13 @@ def _delete(args: argparse.Namespace) -> int:
     stale_lock = (slot.directory / LOCK_NAME).exists()  # left by a dead process; released below
     lock = DirectoryLock(slot.directory)
     lock.acquire()  # a live training keeps its backup: BackupDirInUseError
+    before = {entry.name for entry in slot.directory.iterdir()}
     try:
         removed = slot.delete()
+    except OSError:
+        gone = before - {entry.name for entry in slot.directory.iterdir()} - {LOCK_NAME}
+        print(f"Deleted from {args.dir} before the failure: {', '.join(sorted(gone)) or 'nothing'}.")
+        raise
     finally:
         lock.release()
     if stale_lock:
@@ -164,7 +170,7 @@ def _delete(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not removed:
         raise NoBackupError(f"{args.dir} holds no backup files: nothing deleted; your files are untouched.")
-    kept = sorted(p.name for p in slot.directory.iterdir())
+    kept = sorted(p.name for p in slot.directory.iterdir() if p.name != CREATED_NAME)
     print(f"Deleted from {args.dir}: {', '.join(removed)}.")
     if kept:
         print(f"Left in place (not the library's backup): {', '.join(kept)}.")

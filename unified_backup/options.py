@@ -124,8 +124,8 @@ def _check_is_a_folder(backup_dir: Path) -> None:
         if backup_dir.is_symlink() and not backup_dir.exists():
             raise InvalidArgumentError(
                 f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}, a "
-                f"symbolic link to {os.readlink(backup_dir)!r}, which does not exist. Expected a folder "
-                "(existing or not) for the backup; create the link's target or choose another path."
+                f"symbolic link to {os.readlink(backup_dir)!r}, which does not exist (or loops). Expected "
+                "a folder (existing or not) for the backup; create the link's target or choose another path."
             )
         for path in (backup_dir, *backup_dir.parents):
             if path.exists():

@@ -49,6 +49,7 @@ from unified_backup.manifest import (
 PAYLOAD_PREFIX = "payload-"
 _PAYLOAD_NAME = re.compile(r"payload-\d{8}T\d{6}-[0-9a-f]{8}(\.worker-\d+)?")
 _TMP_MARK = ".tmp-"
+_FORMAT_FIELD = json.dumps({"format": FORMAT})[1:-1].encode()  # as Manifest.to_json writes it
 CREATED_NAME = ".unified-backup-created"  # marks a backup_dir the library made (and may remove)
 _CHUNK = 8 << 20
 log = logging.getLogger(__name__)
@@ -151,8 +152,8 @@ class Slot:
             if self.keep_previous and committed is not None:
                 os.replace(self._write_tmp(committed_text), self.previous_path)
                 fsync_dir(self.directory)  # the previous record is durable before the commit
-            elif self.previous_path.exists():  # a previous record must never name a removed payload
-                self.previous_path.unlink()
+            elif self.previous_path.exists() and is_our_record(self.previous_path):
+                self.previous_path.unlink()  # a previous record must never name a removed payload
                 fsync_dir(self.directory)
             os.replace(tmp, self.manifest_path)  # the commit
         except OSError as exc:
@@ -199,6 +200,12 @@ class Slot:
         keep = {m.payload for m in (manifest, previous) if m is not None}
         removed = []
         if previous is None and self.previous_path.exists():  # the record first: never one without files
+            if not is_our_record(self.previous_path):
+                raise UnsupportedFormatError(
+                    f"{self.previous_path} is not a unified-backup manifest: the library keeps the "
+                    "previous backup's record under that name, and will not delete a file it did not "
+                    "write. Move that file out of backup_dir; it should hold only the library's files."
+                )
             self.previous_path.unlink()
             fsync_dir(self.directory)
             removed.append(self.previous_path)
@@ -232,8 +239,9 @@ class Slot:
                 continue
             if not is_our_record(record):
                 log.warning(
-                    "Left %s in place: it is not a unified-backup manifest, so it is not the library's "
-                    "to delete. Move it out of %s; backup_dir should hold only the library's files.",
+                    "Left %s in place: it is not a manifest unified-backup wrote (another format, or "
+                    "damaged beyond recognition with no backup files beside it), so it is not the "
+                    "library's to delete. Move it out of %s, or delete it yourself if it was a backup's.",
                     record,
                     self.directory,
                 )
@@ -318,14 +326,15 @@ def _read(path: Path) -> Manifest | None:
 def is_our_record(path: Path) -> bool:
     """Whether the manifest file ``path`` was written by this library, so that deleting it is ours to do.
 
-    A JSON object with ``format: unified-backup`` is ours, whatever else is wrong with it; so is a file
-    that is not JSON at all (a damaged manifest) in a folder that holds one of our payload folders.
-    Valid JSON of any other shape is a user's file that happens to share the name.
+    A JSON object with ``format: unified-backup`` is ours, whatever else is wrong with it. A file that
+    is not JSON (a damaged manifest) is ours if it still says that format or if our payload folder
+    is beside it. Valid JSON of any other shape is a user's file that happens to share the name.
     """
+    data = path.read_bytes()
     try:
-        body = json.loads(path.read_bytes())
-    except ValueError:  # not JSON, or not text: ours only beside our own payload
-        return any(is_payload(entry) for entry in path.parent.iterdir())
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return _FORMAT_FIELD in data or any(is_payload(entry) for entry in path.parent.iterdir())
     return isinstance(body, dict) and body.get("format") == FORMAT
 
 

@@ -84,6 +84,7 @@ def test_delete_removes_only_the_library_files_even_of_a_damaged_backup(committe
     result = cli("delete", str(committed))
     assert result.returncode == 0, result.stderr
     assert "manifest.json" in result.stdout and "payload-" in result.stdout
+    assert "Left in place (not the library's backup): notes.txt, payload-images." in result.stdout
     assert sorted(p.name for p in committed.iterdir()) == [
         ".unified-backup-created",
         "notes.txt",
@@ -111,7 +112,7 @@ def test_delete_names_a_stale_lock_and_leaves_a_users_manifest_json(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"Deleted from {folder}: {LOCK_NAME}." in result.stdout
     assert "Left in place (not the library's backup): manifest.json." in result.stdout
-    assert "is not a unified-backup manifest" in result.stderr
+    assert "not a manifest unified-backup wrote" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
     assert (folder / "manifest.json").read_text() == '{"format": "my-dataset"}'
 

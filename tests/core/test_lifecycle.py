@@ -297,3 +297,14 @@ def test_the_manifest_records_the_topology_and_another_shape_restores_with_a_war
     with caplog.at_level(logging.WARNING):
         Lifecycle(BackupOptions(backup_dir)).start(unknown)
     assert "another shape" not in caplog.text
+
+
+def test_a_users_file_named_like_the_previous_record_is_refused_at_start_and_kept(committed):
+    users = committed / "manifest.previous.json"
+    users.write_text('{"format": "my-dataset"}')
+    before = sorted(p.name for p in committed.rglob("*"))
+    lifecycle = Lifecycle(BackupOptions(committed))  # keep_previous=False: a previous record would go
+    with pytest.raises(UnsupportedFormatError, match=r"previous.json is not a unified-backup manifest"):
+        lifecycle.start(FakeState(b"fresh"))
+    assert users.read_text() == '{"format": "my-dataset"}'
+    assert sorted(p.name for p in committed.rglob("*")) == before

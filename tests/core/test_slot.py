@@ -80,7 +80,7 @@ def test_delete_never_removes_a_users_file_that_shares_the_manifest_name(backup_
     assert Slot(backup_dir).delete() == [staged.name]
     assert (backup_dir / "manifest.json").read_text() == '{"format": "my-dataset", "rows": 3}'
     assert (backup_dir / "manifest.previous.json").read_text() == "[1, 2]"
-    assert sum("is not a unified-backup manifest" in r.getMessage() for r in caplog.records) == 2
+    assert sum("not a manifest unified-backup wrote" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_delete_removes_a_damaged_manifest_only_beside_a_payload_of_ours(backup_dir):
@@ -91,6 +91,8 @@ def test_delete_removes_a_damaged_manifest_only_beside_a_payload_of_ours(backup_
     (backup_dir / "manifest.json").write_text("{ a user's half-written file")  # no payload of ours now
     assert slot.delete() == []
     assert (backup_dir / "manifest.json").exists()
+    (backup_dir / "manifest.json").write_text('{\n  "epoch": 2,\n  "format": "unified-backup",\n  "ver')
+    assert slot.delete() == ["manifest.json"]  # truncated, but it still says whose it is
 
 
 def test_delete_then_prune_removes_an_emptied_folder_the_library_made(backup_dir):
