@@ -17,6 +17,19 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+# -- messages ---------------------------------------------------------------------------------------
+
+
+def print_msg(line: str, tf_keras: bool = False) -> None:
+    """Print ``line`` as Keras's own callbacks do with ``verbose=1`` (EarlyStopping, ModelCheckpoint):
+    to stdout, or to absl logging when interactive logging is off. ``io_utils`` is not public."""
+    if tf_keras:
+        from tf_keras.src.utils import io_utils
+    else:
+        from keras.src.utils import io_utils
+    io_utils.print_msg(line)
+
+
 # -- where fit starts and what it runs -------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
     __doc__ = BackupCallback.__doc__
 
     _resume: resume.Resume | None = None  # of the running fit
+    _kind: flavour.Keras3 = flavour.Keras3()  # of the running (or last) fit
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -54,7 +55,7 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         signals = self._options.preemption_signals
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
-        kind = flavour.of(self.model)
+        kind = self._kind = flavour.of(self.model)
         kind.check_alone(self.model, _private.fit_callbacks(self))
         distribution = self.model.distribute_strategy
         strategies.check(distribution, kind, per_epoch=self._options.per_epoch or not self._options.periodic)
@@ -104,6 +105,9 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
             if not self._lifecycle.running:  # a preemption stop ended the fit: nothing of ours stays
                 self._end(success=False)
             raise
+
+    def _announce(self, line: str) -> None:
+        self._kind.print_msg(line)
 
     def release(self) -> None:
         self._end(success=False)

@@ -36,6 +36,10 @@ class Keras3:
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
         _private.set_initial_epoch(model, epoch)
 
+    def print_msg(self, line: str) -> None:
+        """Show ``line`` where this flavour's callbacks print their ``verbose`` messages."""
+        _private.print_msg(line)
+
     def own_callback(self) -> type:
         """The framework's own ``BackupAndRestore``, which must not run in the same ``fit``."""
         return keras.callbacks.BackupAndRestore
@@ -104,6 +108,9 @@ class TfKeras(Keras3):
 
     def set_initial_epoch(self, model: Any, epoch: int | None) -> None:
         _private.set_tf_keras_initial_epoch(model, epoch)
+
+    def print_msg(self, line: str) -> None:
+        _private.print_msg(line, tf_keras=True)
 
     def own_callback(self) -> type:
         import tf_keras

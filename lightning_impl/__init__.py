@@ -30,6 +30,10 @@ class Preempted(TrainingPreempted, SIGTERMException):
 class BackupAndRestore(BackupAndRestoreMixin, lightning.pytorch.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
     preempted_error = Preempted
+    _message_logger = "lightning.pytorch.utilities.rank_zero"
+    _namespace = "lightning.pytorch"
+    _import = "from lightning_impl import BackupAndRestore"
+    _trainer_class = lightning.pytorch.Trainer
     framework_version = lightning.__version__
 
 

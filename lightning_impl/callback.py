@@ -30,6 +30,7 @@ A preemption stop raises ``TrainingPreempted``, here also an instance of Lightni
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lightning_impl import _private
@@ -37,6 +38,7 @@ from lightning_impl.coordinator import LightningCoordinator
 from lightning_impl.preemption import LightningWatch
 from lightning_impl.state import LightningState
 from unified_backup.callback import BackupCallback
+from unified_backup.errors import InvalidArgumentError
 from unified_backup.state import Position
 
 
@@ -44,6 +46,13 @@ class BackupAndRestoreMixin(BackupCallback):
     __doc__ = BackupCallback.__doc__  # NOTE: every rank runs the hooks; only global rank 0 commits.
 
     framework_version = "unknown"  # each namespace's class names its Lightning
+    # Where Lightning's rank-zero info goes ("Restoring states from the checkpoint path ..."), shown by
+    # the handler Lightning adds to its namespace's logger. Named per namespace: rank_zero_info itself
+    # writes to the logger of whichever namespace was imported last (lightning_utilities is shared).
+    _message_logger = "lightning.pytorch.utilities.rank_zero"
+    _namespace = "lightning.pytorch"  # the namespace whose Trainer this class serves
+    _import = "from lightning_impl import BackupAndRestore"
+    _trainer_class: Any = None  # that namespace's Trainer
 
     # What one fit keeps between hooks (class-level: the values before the first fit).
     _state: LightningState | None = None
@@ -54,6 +63,7 @@ class BackupAndRestoreMixin(BackupCallback):
     _epoch_closing = False  # an epoch ended in this fit; its boundary is still to come
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._check_namespace(trainer)
         self._state = LightningState(trainer, self.framework_version)
         signals = self._options.preemption_signals
         self._watch = LightningWatch(signals, trainer) if signals else None  # before Lightning's handlers
@@ -110,10 +120,27 @@ class BackupAndRestoreMixin(BackupCallback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._end(success=False)
 
+    def _announce(self, line: str) -> None:
+        logging.getLogger(self._message_logger).info(line)  # the lifecycle calls it on global rank 0 only
+
     def release(self) -> None:
         self._end(success=False)
 
     release.__doc__ = BackupCallback.release.__doc__
+
+    def _check_namespace(self, trainer: Any) -> None:
+        """Refuse a Trainer of the other namespace: its hooks would run, but its state is not ours."""
+        if self._trainer_class is None or isinstance(trainer, self._trainer_class):
+            return
+        roots = [cls.__module__.split(".")[0] for cls in type(trainer).__mro__]  # a user's subclass too
+        found = [{"lightning": "lightning.pytorch"}.get(root, root) for root in roots]
+        right = [imp for namespace, imp in NAMESPACES if namespace in found]
+        hint = f" Use `{right[0]}` with it." if right else ""
+        raise InvalidArgumentError(
+            f"Expected a {self._namespace} Trainer for this BackupAndRestore (`{self._import}`), found a "
+            f"{type(trainer).__module__}.{type(trainer).__qualname__}: its hooks would run, but on state "
+            f"this callback cannot see.{hint}"
+        )
 
     def _epoch_closed(self, trainer: Any, preemption: bool) -> None:
         """The boundary of the epoch that ended in this fit, now that every epoch-end hook has run."""
@@ -134,6 +161,12 @@ class BackupAndRestoreMixin(BackupCallback):
                 self._state.exact.close()
             self._state = self._watch = self._after_validation = None
             self._epoch_closing = False
+
+
+NAMESPACES = (  # (namespace, the import of its callback)
+    ("lightning.pytorch", "from lightning_impl import BackupAndRestore"),
+    ("pytorch_lightning", "from lightning_impl.pl import BackupAndRestore"),
+)
 
 
 def _max_steps_reached(trainer: Any) -> bool:

@@ -25,6 +25,10 @@ class Preempted(TrainingPreempted, SIGTERMException):
 class BackupAndRestore(BackupAndRestoreMixin, pytorch_lightning.Callback):
     __doc__ = BackupAndRestoreMixin.__doc__
     preempted_error = Preempted
+    _message_logger = "pytorch_lightning.utilities.rank_zero"
+    _namespace = "pytorch_lightning"
+    _import = "from lightning_impl.pl import BackupAndRestore"
+    _trainer_class = pytorch_lightning.Trainer
     framework_version = pytorch_lightning.__version__
 
 

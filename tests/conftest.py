@@ -24,3 +24,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         quick = item.nodeid.startswith(QUICK_PATHS) and not any(r in item.nodeid for r in REPEATS)
         if quick and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.quick)
+
+
+@pytest.fixture(autouse=True)
+def _not_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's restart counter inherited from the job running the tests would make every fresh
+    run look like a restart (a warning, or an error with resume="required"): the tests set their own."""
+    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)

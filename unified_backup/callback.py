@@ -35,6 +35,12 @@ class BackupCallback:
             logs a warning and trains on. The last backup stays intact either way.
         keep_previous: also keep the backup before the newest, and restore it (with a warning)
             when the newest is refused as corrupt. Off by default; two backups on disk.
+        resume: ``"auto"`` (default) restores a backup if there is one and otherwise starts
+            fresh, with a warning when there are signs of a restart (a run on this folder that did
+            not finish, or the scheduler's restart counter); ``"required"`` raises
+            ``NoBackupError`` naming ``backup_dir`` when there is nothing to restore.
+        verbose: print one line when a backup is restored, through the framework's own channel
+            (Keras's message printing, Lightning's rank-zero info). ``False``: only log it.
 
     After a ``fit``, ``restored`` is the manifest of the backup it resumed from (or None) and
     ``stats`` counts its backups and the seconds spent writing them.
@@ -48,7 +54,7 @@ class BackupCallback:
         self._options = BackupOptions(*args, **kwargs)
         if self._options.preemption_signals:
             PreemptionWatch.check_installable()  # raise now rather than be silently off later
-        self._lifecycle = Lifecycle(self._options, preempted=self.preempted_error)
+        self._lifecycle = Lifecycle(self._options, preempted=self.preempted_error, announce=self._announce)
         if self._options.save_freq is False and not self._options.preemption_signals:
             log.warning(
                 "BackupAndRestore(save_freq=False) without save_before_preemption never backs up: it only "
@@ -57,6 +63,10 @@ class BackupCallback:
             )
 
     __init__.__signature__ = inspect.signature(BackupOptions.__init__)  # type: ignore[attr-defined]
+
+    def _announce(self, line: str) -> None:
+        """Show ``line`` (the restore line) where the framework shows its own messages: each adapter
+        overrides this. Called on the primary process only, and only with ``verbose``."""
 
     def release(self) -> None:
         """End the current ``fit``'s hold on ``backup_dir``: unlock it and remove the signal handlers.
@@ -92,6 +102,14 @@ class BackupCallback:
     @property
     def keep_previous(self) -> bool:
         return self._options.keep_previous
+
+    @property
+    def resume(self) -> str:
+        return self._options.resume
+
+    @property
+    def verbose(self) -> bool:
+        return self._options.verbose
 
     @property
     def restored(self) -> Manifest | None:

@@ -149,7 +149,7 @@ def _delete(args: argparse.Namespace) -> int:
     slot = _folder(args.dir)
     if not slot.directory.is_dir():
         raise NoBackupError(f"{args.dir} does not exist: nothing to delete.")
-    stale_lock = (slot.directory / LOCK_NAME).exists()  # left by a dead process; released below
+    stale_lock = (slot.directory / LOCK_NAME).exists()  # left by a run that did not finish; removed below
     lock = DirectoryLock(slot.directory)
     lock.acquire()  # a live training keeps its backup: BackupDirInUseError
     before = {entry.name for entry in slot.directory.iterdir()}

@@ -34,20 +34,22 @@ Every process makes every call; only the primary touches the commit record::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import errno
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from unified_backup import choice, errors, fingerprint, preemption
 from unified_backup.coordinator import Coordinator, SingleProcess
-from unified_backup.errors import BackupError, BackupWriteError
+from unified_backup.errors import BackupError, BackupWriteError, NoBackupError
 from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import Header, Manifest
-from unified_backup.options import WARN, BackupOptions
+from unified_backup.options import REQUIRED, WARN, BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 from unified_backup.slot import Slot
 from unified_backup.state import Position, TrainingState
@@ -82,9 +84,14 @@ class Lifecycle:
     """One ``fit`` at a time against one backup slot; reusable, since ``finish`` returns it to idle."""
 
     def __init__(
-        self, options: BackupOptions, *, preempted: type[TrainingPreempted] = TrainingPreempted
+        self,
+        options: BackupOptions,
+        *,
+        preempted: type[TrainingPreempted] = TrainingPreempted,
+        announce: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
+        self._announce = announce  # shows the restore line (``verbose``) where the framework shows its own
         self.slot = Slot(options.backup_dir, keep_previous=options.keep_previous)
         self.restored: Manifest | None = None
         self.stats = BackupStats()
@@ -127,13 +134,13 @@ class Lifecycle:
             if report is not None:
                 self._abandon()
                 raise _raised(report, failure, fit.coordinator.rank) from failure
-            log.info(
-                "Restored the backup in %s: %d epoch(s) done, step %d of the next, global step %d.",
-                self.options.backup_dir,
-                manifest.epoch,
-                manifest.step_in_epoch,
-                manifest.global_step,
-            )
+            line = restore_line(manifest, self.options.backup_dir)
+            log.info(line)
+            if self.options.verbose and self._announce is not None and fit.coordinator.is_primary:
+                try:
+                    self._announce(line)
+                except Exception as exc:  # a line to show must never stop training, or strand the others
+                    log.warning("Could not show the restore line (%r); it is logged at INFO instead.", exc)
         fit.coordinator.barrier("unified_backup.start")
         self.restored, fit.restored = manifest, True
         fit.committed_step = manifest.global_step if manifest else None
@@ -218,7 +225,7 @@ class Lifecycle:
                 exc,
             )
         finally:
-            self._lock.release()
+            self._lock.release(finished=success)  # the lock file stays as the mark of a run that stopped
         if delete and coordinator.is_primary:
             self.slot.prune()
         log.info(
@@ -236,10 +243,32 @@ class Lifecycle:
         self.slot.claim()
         self._lock.acquire()
         manifest, refused = choice.choose(self.slot, framework, keep_previous=self.options.keep_previous)
+        if manifest is None:
+            self._fresh_start()
         return {
             "manifest": manifest.to_json() if manifest else None,
             "refused": str(refused) if refused else None,
         }
+
+    def _fresh_start(self) -> None:
+        """(primary) Nothing to restore: raise with ``resume="required"``; else warn if this is a restart."""
+        signs = restart_signs(self._lock.unfinished)
+        if self.options.resume == REQUIRED:
+            raise NoBackupError(
+                f"resume='required', but {self.options.backup_dir} holds no backup to restore"
+                + (f" ({'; '.join(signs)})" if signs else "")
+                + ". Expected the backup of an earlier run of this training: check backup_dir, or pass "
+                "resume='auto' to start from scratch."
+            )
+        if signs:
+            log.warning(
+                "Training starts from scratch: %s holds no backup to restore, although this looks like a "
+                "restart (%s). Usually the earlier run stopped before its first backup point; or its "
+                "backup was deleted, or it wrote to another backup_dir. Pass resume='required' to make "
+                "this an error.",
+                self.options.backup_dir,
+                "; ".join(signs),
+            )
 
     def _settle(self, fit: _Fit) -> None:
         """(primary) Refuse an incompatible backup; then promote the fallback, and remove leftovers."""
@@ -374,11 +403,14 @@ class Lifecycle:
         return next((report for report in reports if report is not None), None)
 
     def _abandon(self) -> None:
-        """A ``fit`` that could not start: release the folder and the signals; nothing on disk changed."""
+        """A ``fit`` that could not start: release the folder and the signals; nothing on disk changed
+        (the lock file stays only if an unfinished run had left one)."""
         fit, self._fit = self._fit, None
         if fit is not None and fit.watch is not None:
             fit.watch.uninstall()
-        self._lock.release()
+        self._lock.release(finished=self._lock.unfinished is None, restore_mark=True)
+        if fit is not None and fit.coordinator.is_primary:
+            self.slot.prune()  # a folder made for this fit only, e.g. refused by resume="required"
 
     def _running(self, what: str) -> _Fit:
         if self._fit is None:
@@ -387,6 +419,46 @@ class Lifecycle:
                 "This is a bug in the adapter: please report it."
             )
         return self._fit
+
+
+RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # set by the scheduler
+
+
+def restart_signs(unfinished: str | None, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Why this run looks like a restart: the lock file of a run that did not finish, or a
+    scheduler's restart counter above zero. Empty for a first run."""
+    signs = [f"a run that did not finish left its lock file: {unfinished}"] if unfinished else []
+    for name in RESTART_COUNTERS:
+        value = environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            signs.append(f"{name}={value}")
+    return signs
+
+
+def restore_line(manifest: Manifest, backup_dir: Path) -> str:
+    """The one line shown on every restore, in every adapter."""
+    return (
+        f"Resumed from {backup_dir}: {manifest.epoch} epoch(s) done, step {manifest.step_in_epoch} of the "
+        f"next (global step {manifest.global_step}); written {_age(manifest.created_at)} by "
+        f"{manifest.framework} {manifest.framework_version}."
+    )
+
+
+def _age(created_at: str) -> str:
+    try:
+        then = datetime.datetime.fromisoformat(created_at)
+    except ValueError:
+        return f"at {created_at}"
+    if then.tzinfo is None:  # the manifest writes UTC
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    seconds = max((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds(), 0.0)
+    if seconds == 0.0 and then > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1):
+        return f"at {created_at}"  # another host's clock, well ahead of this one
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if unit == 'day' and count > 1 else ''} ago"
+    return f"{int(seconds)} s ago"
 
 
 _SHAPE = ("workers", "replicas")  # what splits the input and the random streams; the rest is recorded only
@@ -457,7 +529,7 @@ def _raised(report: dict[str, Any], failure: BaseException | None, rank: int) ->
     if failure is not None and report["rank"] == rank:
         return failure
     cls = getattr(errors, report["class"], None)
-    if cls is not None and issubclass(cls, OSError):
+    if cls is not None and issubclass(cls, OSError) and report["errno"] is not None:
         return cls(report["errno"], report["message"])
     if cls is not None:
         return cls(report["message"])

@@ -2,12 +2,15 @@
 
 The lock is an ``flock`` on ``.unified-backup.lock``, so the kernel drops it when its process
 dies (forked children close their inherited copy, so they cannot keep it alive). The file
-records the owner; finding the file but taking the lock means its writer died without cleaning
-up (a crash, a kill), and the lock is taken over, logged at INFO: the usual path of a resume.
+records the owner. It is removed when a ``fit`` finishes well, and stays when one stops early
+(an exception, a preemption stop, a kill), whatever the framework: so finding the file but taking
+the lock means a run on this folder did not finish. The lock is then taken over, logged at INFO
+(the usual path of a resume), and :attr:`DirectoryLock.unfinished` names that run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -36,6 +39,8 @@ class DirectoryLock:
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK_NAME
         self._fd: int | None = None
+        self.unfinished: str | None = None  # at acquire: the run that left the lock file, if one did
+        self._found = b""  # the record in the lock file when acquired, written back by restore_mark
 
     @property
     def held(self) -> bool:
@@ -45,7 +50,7 @@ class DirectoryLock:
         """Take the lock, or raise :class:`BackupDirInUseError` naming the live owner."""
         if self._fd is not None:
             return
-        self._take_over_from_this_process()
+        self.unfinished = self._take_over_from_this_process()
         if fcntl is None:  # pragma: no cover
             raise BackupDirInUseError("unified-backup's lock needs fcntl (POSIX); this platform has none.")
         while True:
@@ -85,11 +90,15 @@ class DirectoryLock:
             if same:
                 break
             os.close(fd)
+        self._found = _read_record(fd)
         previous = _read_owner(fd)
-        if previous != "unknown owner":  # the usual path of a resume after a crash: not an alarm
+        if previous != "unknown owner" and self.unfinished is None:  # a resume after a crash: no alarm
             log.info(
-                "Taking over the lock on %s left by a process that is gone (%s).", self.path.parent, previous
+                "Taking over the lock on %s left by a run that did not finish (%s).",
+                self.path.parent,
+                previous,
             )
+            self.unfinished = previous
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -107,7 +116,7 @@ class DirectoryLock:
     def _key(self) -> str:
         return os.path.realpath(self.path)
 
-    def _take_over_from_this_process(self) -> None:
+    def _take_over_from_this_process(self) -> str | None:
         """Free a lock that an earlier ``fit`` of this thread (or of a finished thread) left held.
 
         A ``fit`` that raised never reaches its end hook in Keras, so its lock stays taken; the
@@ -115,7 +124,7 @@ class DirectoryLock:
         """
         held = _HELD.get(self._key)
         if held is None:
-            return
+            return None
         holder, thread_id = held
         alive = {t.ident for t in threading.enumerate()}
         if thread_id == threading.get_ident() or thread_id not in alive:
@@ -123,15 +132,24 @@ class DirectoryLock:
                 "Taking over the lock on %s left by an earlier fit in this process that did not finish.",
                 self.path.parent,
             )
-            holder.release()
+            holder.release(finished=False)  # its mark stays until this fit is accepted
+            return "an earlier fit in this process"
+        return None
 
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (in that order, so no one locks a dead file)."""
+    def release(self, finished: bool = True, restore_mark: bool = False) -> None:
+        """Drop the lock. With ``finished`` remove the file first (so no one locks a dead file);
+        without, the file stays as the mark of a run that did not finish. ``restore_mark``: write
+        back the record found at acquire (a start that was refused leaves the mark as it was)."""
         if self._fd is None:
             return
         _HELD.pop(self._key, None)
         try:
-            self.path.unlink(missing_ok=True)
+            if finished:
+                self.path.unlink(missing_ok=True)
+            elif restore_mark and self._found:
+                with contextlib.suppress(OSError):  # the mark itself stays either way
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, self._found, 0)
         finally:
             os.close(self._fd)
             self._fd = None
@@ -152,6 +170,13 @@ def _drop_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_in_child)
+
+
+def _read_record(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 4096, 0)
+    except OSError:
+        return b""
 
 
 def _read_owner(fd: int) -> str:

@@ -14,6 +14,8 @@ from unified_backup.preemption import parse_signals
 EPOCH = "epoch"
 RAISE = "raise"
 WARN = "warn"
+AUTO = "auto"
+REQUIRED = "required"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,10 @@ class BackupOptions:
         keep_previous: also keep the backup before the newest (a second slot, like Keras 3's
             ``double_checkpoint``); when the newest is refused as corrupt at start, restore that
             one instead, with a warning. Two backups on disk (three while one is written).
+        resume: ``"auto"`` restores the backup if there is one and starts fresh otherwise (with a
+            warning when there are signs that this run is a restart); ``"required"`` raises
+            :class:`NoBackupError` naming ``backup_dir`` when there is nothing to restore.
+        verbose: print one line through the framework's own channel when a backup is restored.
     """
 
     backup_dir: Path
@@ -42,6 +48,8 @@ class BackupOptions:
     save_before_preemption: bool | tuple[str | int, ...] = False
     on_write_error: str = RAISE
     keep_previous: bool = False
+    resume: str = AUTO
+    verbose: bool = True
     preemption_signals: tuple[signal.Signals, ...] = ()
 
     def __init__(
@@ -53,6 +61,8 @@ class BackupOptions:
         *,
         on_write_error: str = RAISE,
         keep_previous: bool = False,
+        resume: str = AUTO,
+        verbose: bool | int = True,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
             raise InvalidArgumentError(
@@ -91,6 +101,17 @@ class BackupOptions:
                 f"Invalid value for argument `keep_previous`. Received: keep_previous={keep_previous!r}. "
                 "Expected True or False."
             )
+        if resume not in (AUTO, REQUIRED):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `resume`. Received: resume={resume!r}. Expected {AUTO!r} "
+                f"(restore a backup if there is one, else start fresh) or {REQUIRED!r} (raise "
+                "NoBackupError when there is none)."
+            )
+        if verbose not in (True, False):  # 0 and 1 too, as Keras callbacks take them
+            raise InvalidArgumentError(
+                f"Invalid value for argument `verbose`. Received: verbose={verbose!r}. Expected True "
+                "(print a line when a backup is restored) or False (only log it)."
+            )
         object.__setattr__(self, "backup_dir", Path(backup_dir))
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
@@ -104,6 +125,8 @@ class BackupOptions:
         object.__setattr__(self, "save_before_preemption", given)
         object.__setattr__(self, "on_write_error", on_write_error)
         object.__setattr__(self, "keep_previous", keep_previous)
+        object.__setattr__(self, "resume", resume)
+        object.__setattr__(self, "verbose", bool(verbose))
 
     @property
     def per_epoch(self) -> bool:

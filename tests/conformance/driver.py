@@ -42,6 +42,7 @@ class FitResult:
 
 class Driver(Protocol):
     name: str  # "keras" or "lightning", also the manifest's ``framework``
+    message_logger: str | None  # where the framework's own messages go: a logger's name, or None (stdout)
 
     def new_run(
         self,

@@ -143,6 +143,7 @@ class _EpochRecorder:
 class KerasDriver:
     name = "keras"  # the manifest's framework
     K: ModuleType = keras
+    message_logger: str | None = None  # Keras's callbacks print their messages to stdout
 
     def new_run(
         self,

@@ -130,6 +130,7 @@ def new_trainer(epochs: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Tr
 
 class LightningDriver:
     name = "lightning"
+    message_logger: str | None = "lightning.pytorch"  # where rank-zero info goes, shown by Lightning
 
     def new_run(
         self,

@@ -175,7 +175,7 @@ def test_lock_of_a_dead_process_is_taken_over_without_alarm(driver, tmp_path, ca
     with caplog.at_level(logging.INFO):
         result = driver.fit(driver.new_run(seed=1), backup_dir, epochs=4)
     assert result.error is None and result.epochs_run == [2, 3]
-    (takeover,) = [r for r in caplog.records if "left by a process that is gone" in r.getMessage()]
+    (takeover,) = [r for r in caplog.records if "left by a run that did not finish" in r.getMessage()]
     assert f"(pid {holder.pid}" in takeover.getMessage() and takeover.levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("unified")]
 

@@ -61,7 +61,7 @@ def test_a_live_owner_blocks_and_a_dead_one_is_taken_over(tmp_path, caplog):
     lock = DirectoryLock(tmp_path)
     with caplog.at_level(logging.INFO):
         lock.acquire()
-    assert lock.held and f"left by a process that is gone (pid {owner.pid}" in caplog.text
+    assert lock.held and f"left by a run that did not finish (pid {owner.pid}" in caplog.text
     lock.release()
 
 

@@ -1,10 +1,13 @@
+import datetime
 import json
 import logging
 import os
+import re
 import signal
 
 import pytest
 
+from tests.lock_probe import lock_is_free
 from unified_backup import (
     BackupError,
     BackupOptions,
@@ -13,6 +16,7 @@ from unified_backup import (
     Counters,
     IncompatibleBackupError,
     Lifecycle,
+    NoBackupError,
     Position,
     Slot,
     UnsupportedFormatError,
@@ -102,7 +106,8 @@ def test_failed_load_releases_the_lock(committed):
 
     with pytest.raises(RuntimeError):
         Lifecycle(BackupOptions(committed)).start(Broken())
-    assert not (committed / LOCK_NAME).exists()
+    assert lock_is_free(committed)
+    assert (committed / LOCK_NAME).exists()  # the mark the crashed run left stays: nothing changed
 
 
 def test_failed_save_leaves_the_previous_backup_committed(committed):
@@ -154,7 +159,7 @@ def test_a_failed_open_or_restore_releases_the_folder_and_the_signal_handlers(co
     lifecycle.watch(watch)  # as Keras does before a restore deferred to the first step
     with pytest.raises(IncompatibleBackupError):
         lifecycle.restore()
-    assert signal.getsignal(signal.SIGUSR1) == before and not (committed / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGUSR1) == before and lock_is_free(committed)
     assert not lifecycle.running and Slot(committed).read_manifest().epoch == 2
 
 
@@ -179,7 +184,8 @@ def test_a_failed_backup_at_a_preemption_stop_still_releases_everything(committe
     os.kill(os.getpid(), signal.SIGUSR1)
     with pytest.raises(BackupWriteError, match="still committed and intact"):
         lifecycle.boundary(Position(2, 3, 19, 3))
-    assert signal.getsignal(signal.SIGUSR1) == before and not (committed / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGUSR1) == before and lock_is_free(committed)
+    assert (committed / LOCK_NAME).exists()  # a run that stopped: its mark stays
     assert not lifecycle.running and Slot(committed).read_manifest().epoch == 2
 
 
@@ -308,3 +314,89 @@ def test_a_users_file_named_like_the_previous_record_is_refused_at_start_and_kep
         lifecycle.start(FakeState(b"fresh"))
     assert users.read_text() == '{"format": "my-dataset"}'
     assert sorted(p.name for p in committed.rglob("*")) == before
+
+
+def test_resume_required_raises_naming_the_folder_and_changes_nothing(backup_dir, tmp_path):
+    lifecycle = Lifecycle(BackupOptions(backup_dir, resume="required"))
+    with pytest.raises(NoBackupError, match=r"resume='required', but .*backup holds no backup to restore\. "):
+        lifecycle.start(FakeState())
+    assert not lifecycle.running and not backup_dir.exists()  # the folder it made for the lock is gone
+
+
+def test_resume_required_restores_when_there_is_a_backup(committed):
+    assert Lifecycle(BackupOptions(committed, resume="required")).start(FakeState()).epoch == 2
+
+
+def test_a_restart_that_finds_no_backup_warns_and_says_why(backup_dir, caplog, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    first = Lifecycle(BackupOptions(backup_dir))
+    first.start(FakeState())
+    first.finish(success=False)  # stopped before its first backup point: only its lock file stays
+    assert sorted(p.name for p in backup_dir.iterdir()) == [".unified-backup-created", LOCK_NAME]
+    with caplog.at_level(logging.WARNING):
+        second = Lifecycle(BackupOptions(backup_dir))
+        assert second.start(FakeState()) is None
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "Training starts from scratch" in warning.getMessage()
+    assert f"a run that did not finish left its lock file: pid {os.getpid()}" in warning.getMessage()
+    second.finish(success=True)
+    caplog.clear()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # the scheduler says so, with no mark on disk
+    with caplog.at_level(logging.WARNING):
+        third = Lifecycle(BackupOptions(backup_dir))
+        third.start(FakeState())
+    assert "looks like a restart (SLURM_RESTART_COUNT=2)" in caplog.text
+    third.finish(success=True)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a first run: no sign, no warning
+        fourth = Lifecycle(BackupOptions(backup_dir))
+        fourth.start(FakeState())
+        fourth.finish(success=True)
+    assert not caplog.records
+    first.start(FakeState())
+    first.finish(success=False)
+    mark = b'{"pid": 1, "host": "gone", "since": "2026-01-01T00:00:00+00:00"}'  # another host's run
+    (backup_dir / LOCK_NAME).write_bytes(mark)
+    with pytest.raises(NoBackupError, match=r"\(a run that did not finish left its lock file: pid 1 on gone"):
+        Lifecycle(BackupOptions(backup_dir, resume="required")).start(FakeState())
+    assert (backup_dir / LOCK_NAME).read_bytes() == mark  # refused: the mark names the unfinished run still
+
+
+def test_every_restore_is_announced_once_in_one_line_unless_verbose_is_off(committed, caplog):
+    lines = []
+    lifecycle = Lifecycle(BackupOptions(committed), announce=lines.append)
+    with caplog.at_level(logging.INFO):
+        lifecycle.start(FakeState())
+    (line,) = lines
+    assert re.fullmatch(
+        rf"Resumed from {re.escape(str(committed))}: 2 epoch\(s\) done, step 0 of the next \(global step "
+        r"16\); written \d+ s ago by fake 1\.0\.",
+        line,
+    ), line
+    assert line in caplog.text  # and logged at INFO, for log files
+    lifecycle.finish(success=False)
+    quiet = []
+    Lifecycle(BackupOptions(committed, verbose=False), announce=quiet.append).start(FakeState())
+    assert quiet == []
+
+
+def test_the_age_of_a_backup_reads_well_whatever_its_clock():
+    from unified_backup.lifecycle import _age
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert _age((now - datetime.timedelta(minutes=2, seconds=5)).isoformat()) == "2 min ago"
+    assert _age((now - datetime.timedelta(days=3)).isoformat()) == "3 days ago"
+    naive = (now - datetime.timedelta(hours=5)).replace(tzinfo=None)  # read as UTC
+    assert _age(naive.isoformat()) == "5 h ago"
+    assert _age((now + datetime.timedelta(seconds=20)).isoformat()) == "0 s ago"  # a little skew
+    ahead = (now + datetime.timedelta(hours=1)).isoformat(timespec="seconds")
+    assert _age(ahead) == f"at {ahead}" and _age("yesterday") == "at yesterday"
+
+
+def test_another_process_rebuilds_a_no_backup_error_with_its_message_only():
+    from unified_backup.lifecycle import _raised, _report
+
+    error = _raised(_report(NoBackupError("resume='required', but backup/ holds no backup"), 0), None, 1)
+    assert isinstance(error, NoBackupError) and str(error) == "resume='required', but backup/ holds no backup"

@@ -63,8 +63,16 @@ def fit(model, callbacks, epochs=4, **kwargs):
     """Train on the standard data; return the epochs begun, or raise what fit raised."""
     x, y = data()
     epochs_seen = Epochs()
-    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
-              callbacks=[epochs_seen, *callbacks], **kwargs)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[epochs_seen, *callbacks],
+        **kwargs,
+    )
     return epochs_seen.seen
 
 
@@ -254,7 +262,8 @@ def test_changed_steps_per_execution_still_trains_each_batch_once(tmp_path):
     np.testing.assert_allclose(
         np.concatenate([w.ravel() for w in resumed.get_weights()]),
         np.concatenate([w.ravel() for w in control.get_weights()]),
-        rtol=1e-6, atol=1e-7,
+        rtol=1e-6,
+        atol=1e-7,
     )
 
 

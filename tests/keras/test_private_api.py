@@ -289,3 +289,18 @@ def test_parameter_server_strategy_keeps_its_cluster_resolver_where_private_read
     )
     # the public property reads it from `extended`, where PSS keeps none (hence the private read)
     assert "self.extended" in inspect.getsource(tf.distribute.Strategy.cluster_resolver.fget), CHANGED
+
+
+def test_messages_print_as_keras_callbacks_print_theirs(capsys):
+    _private.print_msg("a line from unified-backup")
+    shown = capsys.readouterr().out
+    assert shown == "a line from unified-backup\n", CHANGED + "keras.src.utils.io_utils.print_msg"
+
+
+@pytest.mark.tf_keras
+def test_tf_keras_messages_print_as_its_callbacks_print_theirs(capsys):
+    pytest.importorskip("tf_keras")
+    _private.print_msg("a line from unified-backup", tf_keras=True)
+    assert capsys.readouterr().out == "a line from unified-backup\n", (
+        TF_KERAS_CHANGED + "tf_keras.src.utils.io_utils.print_msg"
+    )

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning_impl import BackupAndRestore
 from tests.conformance.lightning_driver import LightningDriver
 from tests.lightning.helpers import NAMESPACES, assert_same_weights, fit, new_model, weights
-from unified_backup import IncompatibleBackupError, Slot, UnsafeBackupError
+from unified_backup import IncompatibleBackupError, InvalidArgumentError, Slot, UnsafeBackupError
 from unified_backup.manifest import FileEntry
 
 pytestmark = pytest.mark.lightning
@@ -382,3 +382,15 @@ def test_a_backup_writes_no_temporary_file_outside_backup_dir(tmp_path, monkeypa
     assert made == []
     result.trainer.save_checkpoint(tmp_path / "lightning.ckpt")  # Lightning's own save makes one
     assert len(made) == 1 and not pathlib.Path(made[0]).is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_callback_of_the_other_namespace_is_refused_by_name_before_any_write(namespace, tmp_path):
+    other = next(n for n in NAMESPACES if n != namespace)
+    wrong = NAMESPACES[other][1](tmp_path / "backup")  # e.g. lightning_impl's in a pytorch_lightning Trainer
+    result = fit(new_model(namespace), None, epochs=1, namespace=namespace, backup=wrong)
+    assert isinstance(result.error, InvalidArgumentError), result.error
+    right = "lightning_impl.pl" if namespace == "pytorch_lightning" else "lightning_impl"
+    assert f"Expected a {other} Trainer for this BackupAndRestore" in str(result.error)
+    assert f"Use `from {right} import BackupAndRestore` with it." in str(result.error)
+    assert result.trainer.global_step == 0 and not (tmp_path / "backup").exists()

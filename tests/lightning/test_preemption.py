@@ -18,6 +18,7 @@ import pytest
 import lightning_impl
 import lightning_impl.pl
 from tests.lightning.helpers import NAMESPACES, assert_same_weights, fit, new_model, weights
+from tests.lock_probe import lock_is_free
 from unified_backup import Slot, UnsupportedEnvironmentError
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted
@@ -90,7 +91,8 @@ def test_a_signal_backs_up_the_step_stops_and_the_resume_is_exact(case, tmp_path
     manifest = Slot(backup_dir).read_manifest()
     assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == expected
     assert first.trainer.global_step == expected[2]  # no further step ran
-    assert signal.getsignal(signal.SIGTERM) == before and not (backup_dir / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == before and lock_is_free(backup_dir)
+    assert (backup_dir / LOCK_NAME).exists()  # stopped early: the mark of a run that did not finish
     e, s, g = expected
     line = (
         f"Preempted by SIGTERM: backed up global step {g} ({e} epoch(s) done, {s} step(s) into the next) "
@@ -189,4 +191,5 @@ def test_outside_the_main_thread_it_raises_instead_of_being_silently_off(namespa
     thread.start()
     thread.join()
     assert isinstance(result[0].error, UnsupportedEnvironmentError), repr(result[0].error)
-    assert result[0].trainer.global_step == 0 and not (tmp_path / "b" / LOCK_NAME).exists()
+    assert result[0].trainer.global_step == 0 and lock_is_free(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".unified-backup-created", LOCK_NAME]
