@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_impl import _private, flavour, resume, strategies
+from keras_impl import _private, callback_state, flavour, resume, strategies
 from keras_impl.coordinator import coordinator_of
 from keras_impl.preemption import FitWatch
 from keras_impl.state import KerasTrainingState
@@ -39,6 +39,7 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
 
     _resume: resume.Resume | None = None  # of the running fit
     _kind: flavour.Keras3 = flavour.Keras3()  # of the running (or last) fit
+    _epoch_begun = False  # the running fit began an epoch: every other on_train_begin has run
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,11 +57,14 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
         kind = self._kind = flavour.of(self.model)
-        kind.check_alone(self.model, _private.fit_callbacks(self))
+        callbacks = _private.fit_callbacks(self)
+        kind.check_alone(self.model, callbacks)
         distribution = self.model.distribute_strategy
         strategies.check(distribution, kind, per_epoch=self._options.per_epoch or not self._options.periodic)
         resume.clear(self.model)  # left by a fit that raised
         state = KerasTrainingState(self.model, kind)
+        state.callbacks = [callback for callback in callbacks if callback is not self]
+        self._epoch_begun = False
         self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
         opened = self._lifecycle.open(state, coordinator_of(distribution))
         if fit.restore_now(opened):
@@ -76,11 +80,24 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         """Build what is not built yet, restore the backup, and return the batches to skip."""
         assert self._resume is not None
         self._resume.build(iterator)
-        return self._resume.restored(self._lifecycle.restore(), iterator)
+        skip = self._resume.restored(self._lifecycle.restore(), iterator)
+        if self._epoch_begun:  # a restore at the first step: the other callbacks are set up already
+            self._restore_callbacks()
+        return skip
+
+    def _restore_callbacks(self) -> None:
+        """Hand the other callbacks their backed-up state, once their ``on_train_begin`` reset them."""
+        state = self._resume.state if self._resume is not None else None
+        if state is not None and state.restored_callbacks:
+            callback_state.apply(state.callbacks, state.restored_callbacks)
+            state.restored_callbacks = {}
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._resume is not None:
             self._resume.epoch_begin(epoch)
+        if not self._epoch_begun:
+            self._epoch_begun = True
+            self._restore_callbacks()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._boundary(ended=False)

@@ -16,12 +16,13 @@ import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_impl import _private, rng, strategies
+from keras_impl import _private, callback_state, rng, strategies
 from keras_impl.flavour import Keras3
 from keras_impl.flavour import of as flavour_of
 from unified_backup.coordinator import Coordinator, SingleProcess
@@ -66,6 +67,8 @@ class KerasTrainingState:
         self._restored_metrics: rng.Arrays = {}
         self.restored_tf_seed: int | None = None
         self.restored_batch_in_epoch = 0
+        self.callbacks: list[Any] = []  # the fit's other callbacks, whose state is backed up (callback_state)
+        self.restored_callbacks: dict[str, Any] = {}
 
     @property
     def _checkpoint(self) -> tf.train.Checkpoint:
@@ -150,6 +153,7 @@ class KerasTrainingState:
                 errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
             ) from exc
         np.savez(directory / EXTRA_FILE, **host, **rng.capture_device(), **metrics)  # type: ignore[arg-type]
+        callback_state.write(directory, callback_state.capture(self.callbacks))
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         prefix = _checkpoint_prefix(directory)
@@ -164,6 +168,7 @@ class KerasTrainingState:
                 "(`unified-backup delete BACKUP_DIR`) to start fresh."
             ) from exc
         extra = _read_extra(directory / EXTRA_FILE)
+        callbacks = callback_state.read(directory)
         expected = {"epoch": manifest.epoch, "step_in_epoch": manifest.step_in_epoch}
         if stored != expected:
             raise CorruptBackupError(
@@ -196,6 +201,7 @@ class KerasTrainingState:
         self._epoch_start_host = host
         self.restored_batch_in_epoch = batch_in_epoch
         self.restored_tf_seed = rng.stored_tf_seed(extra)
+        self.restored_callbacks = callbacks
         self._restored_metrics = _own_rows(
             {k[len(_METRICS) :]: v for k, v in extra.items() if k.startswith(_METRICS)}, coordinator
         )

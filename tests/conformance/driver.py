@@ -76,6 +76,7 @@ class Driver(Protocol):
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        patience: bool = False,
         **options: Any,
     ) -> FitResult:
         """Train ``run`` for ``epochs`` with ``BackupAndRestore(backup_dir, save_freq=save_freq, **options)``.
@@ -85,8 +86,15 @@ class Driver(Protocol):
         raises it after the last epoch's backup but before the callback's end-of-fit hook (a
         callback placed before ours). ``early_stopping=True`` adds the framework's early stopping
         on the training loss with ``min_delta=1e9, patience=0``-like settings, so that training
-        stops after exactly 2 epochs. The error, if any, is caught and returned in ``error``.
+        stops after exactly 2 epochs. ``patience=True`` adds early stopping with ``patience=3`` and a
+        reduce-on-plateau of the learning rate (halved after 2 epochs without improvement; Lightning:
+        torch's ``ReduceLROnPlateau(patience=1)``, its scheduler), both with an improvement of 1e9
+        required: the LR halves after epochs 2 and 4, and training stops after epoch 3. The error, if
+        any, is caught and returned in ``error``.
         """
+
+    def learning_rate(self, run: Any) -> float:
+        """The optimizer's learning rate now."""
 
     def weights(self, run: Any) -> list[np.ndarray]:
         """The model's weights as numpy arrays, in a fixed order."""

@@ -177,6 +177,7 @@ class KerasDriver:
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        patience: bool = False,
         **options: Any,
     ) -> FitResult:
         interrupter, recorder_class = callbacks_of(self.K)
@@ -186,6 +187,11 @@ class KerasDriver:
             callbacks.append(interrupter(interrupt))
         if early_stopping:
             callbacks.append(self.K.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=0))
+        if patience:  # no epoch after the first improves by 1e9: the LR halves after epoch 2, stop after 3
+            callbacks.append(self.K.callbacks.EarlyStopping(monitor="loss", min_delta=1e9, patience=3))
+            callbacks.append(
+                self.K.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=2, min_delta=1e9)
+            )
         backup = (
             BackupAndRestore(backup_dir, save_freq=save_freq, **options) if backup_dir is not None else None
         )
@@ -212,6 +218,9 @@ class KerasDriver:
     @staticmethod
     def reshuffled() -> type:
         return Reshuffled
+
+    def learning_rate(self, run: KerasRun) -> float:
+        return float(np.array(run.model.optimizer.learning_rate))
 
     def weights(self, run: KerasRun) -> list[np.ndarray]:
         return [np.array(w) for w in run.model.get_weights()]

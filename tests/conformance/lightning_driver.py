@@ -62,6 +62,7 @@ class Run(L.LightningModule):
         self.shuffle, self.lr_schedule, self.accumulate = shuffle, lr_schedule, accumulate
         self.seen: list[tuple[int, int]] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.plateau = False  # set by LightningDriver.fit(patience=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -77,6 +78,14 @@ class Run(L.LightningModule):
             self.optimizer = torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
         else:
             raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+        if self.plateau:  # as Keras's ReduceLROnPlateau(patience=2, min_delta=1e9): torch counts from 0
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=0.5, patience=1, threshold=1e9, threshold_mode="abs"
+            )
+            return {
+                "optimizer": self.optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss", "interval": "epoch"},
+            }
         if not self.lr_schedule:
             return self.optimizer
         decay = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=0.9**0.25)
@@ -154,6 +163,7 @@ class LightningDriver:
         save_freq: str | int = "epoch",
         interrupt: Interrupt = None,
         early_stopping: bool = False,
+        patience: bool = False,
         **options: Any,
     ) -> FitResult:
         recorder = _Recorder(interrupt)
@@ -161,6 +171,9 @@ class LightningDriver:
         if early_stopping:
             # The first epoch always improves on +inf; the second cannot improve by 1e9, and patience=0 stops.
             callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=0))
+        run.plateau = patience
+        if patience:  # no epoch after the first improves by 1e9: the LR halves after epoch 2, stop after 3
+            callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=3))
         if backup_dir is not None:
             callbacks.append(BackupAndRestore(backup_dir, save_freq=save_freq, **options))
         trainer = new_trainer(epochs, callbacks, accumulate_grad_batches=run.accumulate)
@@ -175,6 +188,10 @@ class LightningDriver:
             error=error,
             losses=recorder.losses,
         )
+
+    def learning_rate(self, run: Run) -> float:
+        assert run.optimizer is not None, "fit has not run"
+        return float(run.optimizer.param_groups[0]["lr"])
 
     def weights(self, run: Run) -> list[np.ndarray]:
         return [t.detach().cpu().numpy().copy() for t in run.net.state_dict().values()]
