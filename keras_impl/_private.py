@@ -133,6 +133,19 @@ def fit_callbacks(callback: Any) -> list[Any]:
     return list(frames[0].f_locals["callbacks"].callbacks) if frames else []
 
 
+def run_last(callback: Any) -> None:
+    """From the next hook on, call ``callback`` after every other callback of the running ``fit``.
+
+    So that what it backs up at a step or epoch end includes what the others did there (an
+    EarlyStopping count, a ReduceLROnPlateau cut). ``CallbackList`` loops over its ``callbacks``
+    list at every hook; a new list object leaves the loop in progress untouched.
+    """
+    frames = fit_frames(callback, sys._getframe(1))
+    if frames:
+        callback_list = frames[0].f_locals["callbacks"]
+        callback_list.callbacks = [c for c in callback_list.callbacks if c is not callback] + [callback]
+
+
 def fit_code(callback: Any) -> CodeType | None:
     """The code of the ``fit`` that is calling the caller with ``callback``, or None (no ``fit``)."""
     frames = fit_frames(callback, sys._getframe(1))

@@ -21,6 +21,7 @@ handlers hand any later signal to those they replaced (see :mod:`keras_impl.pree
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -64,6 +65,9 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         resume.clear(self.model)  # left by a fit that raised
         state = KerasTrainingState(self.model, kind)
         state.callbacks = [callback for callback in callbacks if callback is not self]
+        with contextlib.suppress(AttributeError, KeyError):  # a state made in on_train_begin: checked later
+            callback_state.capture(state.callbacks)  # a state that is not JSON fails now, not at a backup
+        _private.run_last(self)  # our backups see what the others did at the same step or epoch end
         self._epoch_begun = False
         self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
         opened = self._lifecycle.open(state, coordinator_of(distribution))

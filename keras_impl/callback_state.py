@@ -41,19 +41,23 @@ def capture(callbacks: Iterable[Any]) -> dict[str, Any]:
         else:
             continue
         try:
-            json.dumps(state)
+            same = json.loads(_dumps(state)) == state
         except (TypeError, ValueError) as exc:
+            same, why = False, str(exc)
+        else:
+            why = "it would not read back the same"
+        if not same:
             raise InvalidArgumentError(
-                f"{key}.state_dict() returned {state!r}, which is not JSON ({exc}). Expected a dict of "
-                "JSON values (numbers, strings, booleans, None, lists and dicts of them)."
-            ) from exc
+                f"{key}.state_dict() returned {state!r}, which is not JSON ({why}). Expected a dict with "
+                "string keys and JSON values (numbers, strings, booleans, None, lists and dicts of them)."
+            )
         states[key] = state
     return states
 
 
 def write(directory: Path, states: dict[str, Any]) -> None:
     if states:
-        (directory / FILE).write_text(json.dumps(states, indent=1, sort_keys=True), encoding="utf-8")
+        (directory / FILE).write_text(_dumps(states), encoding="utf-8")
 
 
 def read(directory: Path) -> dict[str, Any]:
@@ -87,11 +91,17 @@ def apply(callbacks: Iterable[Any], states: dict[str, Any]) -> None:
         if getattr(callback, "restore_best_weights", False):
             log.warning(
                 "%s(restore_best_weights=True): the best weights seen before the restart are not in the "
-                "backup; its patience and best score are, so it restores the best weights seen since.",
+                "backup (its patience and best score are); the weights it restores at the end may be "
+                "those of an epoch after the restart rather than the best one.",
                 key,
             )
     for key in sorted(left):
         log.warning("The backup holds the state of a callback %s that this fit does not have: ignored.", key)
+
+
+def _dumps(value: Any) -> str:
+    # allow_nan: tf_keras starts a best score at +-inf, written as Infinity (Python's json reads it back)
+    return json.dumps(value, indent=1, sort_keys=True, allow_nan=True)
 
 
 def _keyed(callbacks: Iterable[Any]) -> Iterator[tuple[str, Any]]:

@@ -108,7 +108,16 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
     losses: dict[int, float] = {}  # epoch -> its mean training loss, for epochs trained in this fit
 
     class Events(keras.callbacks.Callback):
-        """Placed after BackupAndRestore, so its hooks see the restore and each backup done."""
+        """Sees the restore (BackupAndRestore's ``on_train_begin`` runs first, as listed) and reports
+        each epoch once its backup is done: BackupAndRestore's other hooks run after every other
+        callback's, so an epoch's line waits for the next hook (the next epoch's begin, or the end)."""
+
+        ended: int | None = None  # an epoch whose line waits for its backup
+
+        def report(self) -> None:
+            if self.ended is not None:
+                emit("epoch", epoch=self.ended, loss=losses[self.ended])
+                self.ended = None
 
         def on_train_begin(self, logs: Any = None) -> None:
             restored = backup.restored
@@ -119,6 +128,7 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
             )
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.report()
             epochs_run.append(epoch)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
@@ -127,7 +137,10 @@ def main(argv: Sequence[str] | None = None, framework: str = "keras") -> int:
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             losses[epoch] = float(logs["loss"])
-            emit("epoch", epoch=epoch, loss=losses[epoch])
+            self.ended = epoch
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.report()
 
     data: dict[str, Any] = {"x": Reshuffled()} if args.shuffle else {"x": x, "y": y, "batch_size": 16}
     model.fit(**data, epochs=args.epochs, shuffle=args.shuffle, verbose=0, callbacks=[backup, Events()])

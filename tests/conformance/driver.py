@@ -77,6 +77,7 @@ class Driver(Protocol):
         interrupt: Interrupt = None,
         early_stopping: bool = False,
         patience: bool = False,
+        backup_first: bool = False,
         **options: Any,
     ) -> FitResult:
         """Train ``run`` for ``epochs`` with ``BackupAndRestore(backup_dir, save_freq=save_freq, **options)``.
@@ -89,7 +90,8 @@ class Driver(Protocol):
         stops after exactly 2 epochs. ``patience=True`` adds early stopping with ``patience=3`` and a
         reduce-on-plateau of the learning rate (halved after 2 epochs without improvement; Lightning:
         torch's ``ReduceLROnPlateau(patience=1)``, its scheduler), both with an improvement of 1e9
-        required: the LR halves after epochs 2 and 4, and training stops after epoch 3. The error, if
+        required: the LR halves after epochs 2 and 4, and training stops after epoch 3.
+        ``backup_first``: the callback goes first in the callbacks list instead of last. The error, if
         any, is caught and returned in ``error``.
         """
 

@@ -178,6 +178,7 @@ class KerasDriver:
         interrupt: Interrupt = None,
         early_stopping: bool = False,
         patience: bool = False,
+        backup_first: bool = False,
         **options: Any,
     ) -> FitResult:
         interrupter, recorder_class = callbacks_of(self.K)
@@ -195,8 +196,8 @@ class KerasDriver:
         backup = (
             BackupAndRestore(backup_dir, save_freq=save_freq, **options) if backup_dir is not None else None
         )
-        if backup is not None:
-            callbacks.append(backup)  # a new instance per fit, as in a restarted job
+        if backup is not None:  # a new instance per fit, as in a restarted job
+            callbacks.insert(0, backup) if backup_first else callbacks.append(backup)
         self.K.utils.set_random_seed(run.seed)  # as a restarted job's script does; a restore overrides it
         x, y = data()
         inputs: dict[str, Any] = {"x": x, "y": y, "batch_size": BATCH}

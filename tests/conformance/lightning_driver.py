@@ -164,6 +164,7 @@ class LightningDriver:
         interrupt: Interrupt = None,
         early_stopping: bool = False,
         patience: bool = False,
+        backup_first: bool = False,
         **options: Any,
     ) -> FitResult:
         recorder = _Recorder(interrupt)
@@ -175,7 +176,8 @@ class LightningDriver:
         if patience:  # no epoch after the first improves by 1e9: the LR halves after epoch 2, stop after 3
             callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=3))
         if backup_dir is not None:
-            callbacks.append(BackupAndRestore(backup_dir, save_freq=save_freq, **options))
+            backup = BackupAndRestore(backup_dir, save_freq=save_freq, **options)
+            callbacks.insert(0, backup) if backup_first else callbacks.append(backup)
         trainer = new_trainer(epochs, callbacks, accumulate_grad_batches=run.accumulate)
         error: BaseException | None = None
         try:

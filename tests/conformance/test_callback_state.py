@@ -8,17 +8,23 @@ import pytest
 from .test_contract import assert_same_weights
 
 
-def test_early_stopping_and_plateau_inside_their_patience_window_end_as_uninterrupted(driver, tmp_path):
+@pytest.mark.parametrize("backup_first", [False, True], ids=["backup-last", "backup-first"])
+def test_early_stopping_and_plateau_inside_their_patience_window_end_as_uninterrupted(
+    driver, tmp_path, backup_first
+):
     reference = driver.new_run(seed=0)
     expected = driver.fit(reference, tmp_path / "reference", epochs=8, patience=True)
     assert expected.error is None and expected.epochs_run == [0, 1, 2, 3]  # stopped after epoch 3
     assert driver.learning_rate(reference) == pytest.approx(0.5e-2, rel=1e-6)  # halved once, after epoch 2
 
     backup_dir = tmp_path / "backup"
-    first = driver.fit(driver.new_run(seed=0), backup_dir, epochs=8, patience=True, interrupt=(2, 3))
+    first = driver.fit(
+        driver.new_run(seed=0), backup_dir, epochs=8, patience=True, interrupt=(2, 3),
+        backup_first=backup_first,
+    )  # fmt: skip
     assert isinstance(first.error, RuntimeError)  # backed up after epoch 1: one epoch into the window
     run = driver.new_run(seed=1)
-    resumed = driver.fit(run, backup_dir, epochs=8, patience=True)
+    resumed = driver.fit(run, backup_dir, epochs=8, patience=True, backup_first=backup_first)
     assert resumed.error is None
     assert resumed.epochs_run == [2, 3], "early stopping's wait count was not carried over"
     assert driver.learning_rate(run) == driver.learning_rate(reference), "the plateau's count was lost"

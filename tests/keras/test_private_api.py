@@ -304,3 +304,26 @@ def test_tf_keras_messages_print_as_its_callbacks_print_theirs(capsys):
     assert capsys.readouterr().out == "a line from unified-backup\n", (
         TF_KERAS_CHANGED + "tf_keras.src.utils.io_utils.print_msg"
     )
+
+
+def test_a_callback_moved_last_runs_after_the_others_from_the_next_hook_on():
+    order: list[str] = []
+
+    class Named(keras.callbacks.Callback):
+        def __init__(self, name: str, move: bool = False) -> None:
+            super().__init__()
+            self.name, self.move = name, move
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            order.append(f"begin {self.name}")
+            if self.move:
+                _private.run_last(self)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            order.append(f"end {self.name}")
+
+    x, y = data()
+    new_model().fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[Named("a", True), Named("b")])
+    assert order == ["begin a", "begin b", "end b", "end a"], (
+        CHANGED + "CallbackList.callbacks is not read per hook"
+    )
