@@ -112,6 +112,8 @@ def main() -> int:
     report.record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report.record))
+    if torch.distributed.is_initialized():  # after an exception Lightning leaves it up; its threads,
+        torch.distributed.destroy_process_group()  # left to the interpreter's exit, can abort (SIGABRT)
     code = {None: 0, "preempted": EXIT_PREEMPTED}.get(error, 3)
     # a child rank's other non-zero exit would make Lightning's launcher SIGKILL rank 0 (its report too)
     return 0 if trainer.global_rank and code == 3 else code
