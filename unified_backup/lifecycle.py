@@ -451,9 +451,10 @@ def _age(created_at: str) -> str:
         return f"at {created_at}"
     if then.tzinfo is None:  # the manifest writes UTC
         then = then.replace(tzinfo=datetime.timezone.utc)
-    seconds = max((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds(), 0.0)
-    if seconds == 0.0 and then > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1):
-        return f"at {created_at}"  # another host's clock, well ahead of this one
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+    if seconds < -60:  # another host's clock, well ahead of this one
+        return f"at {created_at}"
+    seconds = max(seconds, 0.0)
     for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             count = int(seconds // size)

@@ -68,7 +68,7 @@ class DirectoryLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = _read_owner(fd)
+                owner = _owner(_read_record(fd))
                 os.close(fd)
                 raise BackupDirInUseError(
                     f"{self.path.parent} is in use by another live training ({owner}). Expected a "
@@ -91,7 +91,7 @@ class DirectoryLock:
                 break
             os.close(fd)
         self._found = _read_record(fd)
-        previous = _read_owner(fd)
+        previous = _owner(self._found)
         if previous != "unknown owner" and self.unfinished is None:  # a resume after a crash: no alarm
             log.info(
                 "Taking over the lock on %s left by a run that did not finish (%s).",
@@ -179,9 +179,10 @@ def _read_record(fd: int) -> bytes:
         return b""
 
 
-def _read_owner(fd: int) -> str:
+def _owner(record: bytes) -> str:
+    """Who a lock file's ``record`` names, in words."""
     try:
-        record = json.loads(os.pread(fd, 4096, 0) or b"null")
-        return f"pid {record['pid']} on {record['host']}, since {record['since']}"
-    except (ValueError, TypeError, KeyError, OSError):
+        owner = json.loads(record or b"null")
+        return f"pid {owner['pid']} on {owner['host']}, since {owner['since']}"
+    except (ValueError, TypeError, KeyError):
         return "unknown owner"
