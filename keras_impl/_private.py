@@ -127,10 +127,36 @@ def fit_frames(callback: Any, start: FrameType | None) -> list[FrameType]:
     return found
 
 
-def fit_callbacks(callback: Any) -> list[Any]:
-    """The callbacks of the ``fit`` that is calling the caller with ``callback`` ([] without a ``fit``)."""
+def fit_callback_list(callback: Any) -> Any:
+    """The ``CallbackList`` of the ``fit`` that is calling the caller with ``callback``, or None."""
     frames = fit_frames(callback, sys._getframe(1))
-    return list(frames[0].f_locals["callbacks"].callbacks) if frames else []
+    return frames[0].f_locals["callbacks"] if frames else None
+
+
+def hold_train_batch_hooks(callback_list: Any, begin: Callable[..., None], end: Callable[..., None]) -> None:
+    """Route the ``fit``'s calls of ``callback_list.on_train_batch_begin/end`` to ``begin`` and ``end``.
+
+    ``fit`` calls them through the list object it made for this ``fit`` (Keras 3 and tf_keras alike):
+    instance attributes shadow the class's methods for that object only.
+    """
+    callback_list.on_train_batch_begin = begin
+    callback_list.on_train_batch_end = end
+
+
+def train_batch_begin(callback_list: Any, batch: int, logs: Any = None) -> None:
+    """Call every callback's ``on_train_batch_begin`` as the list's own method does."""
+    type(callback_list).on_train_batch_begin(callback_list, batch, logs)
+
+
+def train_batch_end(callback_list: Any, batch: int, logs: Any = None) -> None:
+    """Call every callback's ``on_train_batch_end`` as the list's own method does."""
+    type(callback_list).on_train_batch_end(callback_list, batch, logs)
+
+
+def release_train_batch_hooks(callback_list: Any) -> None:
+    """Undo :func:`hold_train_batch_hooks`."""
+    for name in ("on_train_batch_begin", "on_train_batch_end"):
+        callback_list.__dict__.pop(name, None)
 
 
 def run_last(callback: Any) -> None:

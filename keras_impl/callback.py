@@ -14,6 +14,8 @@ Hook -> lifecycle::
                         143); else finish(success=True): delete the backup (if asked), unlock
 
 ``on_train_batch_end`` runs once per ``steps_per_execution`` batches: that is the step boundary.
+After a step-level resume, the batches read again without training fire no batch hook, ours or
+any other callback's (see resume.py).
 Keras has no hook for an exception inside ``fit``: the backup stays, and the lock is taken over
 by the next ``fit`` in this thread (or dropped by the kernel when the process dies); the signal
 handlers hand any later signal to those they replaced (see :mod:`keras_impl.preemption`).
@@ -58,7 +60,8 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         if signals:
             FitWatch.check_installable()  # fit may run in another thread than the constructor did
         kind = self._kind = flavour.of(self.model)
-        callbacks = _private.fit_callbacks(self)
+        callback_list = _private.fit_callback_list(self)
+        callbacks = list(callback_list.callbacks) if callback_list is not None else []
         kind.check_alone(self.model, callbacks)
         distribution = self.model.distribute_strategy
         strategies.check(distribution, kind, per_epoch=self._options.per_epoch or not self._options.periodic)
@@ -69,7 +72,7 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
             callback_state.capture(state.callbacks)  # a state that is not JSON fails now, not at a backup
         _private.run_last(self)  # our backups see what the others did at the same step or epoch end
         self._epoch_begun = False
-        self._resume = fit = resume.Resume(state, kind.inspect_fit_input())
+        self._resume = fit = resume.Resume(state, kind.inspect_fit_input(), callback_list)
         opened = self._lifecycle.open(state, coordinator_of(distribution))
         if fit.restore_now(opened):
             self._restore()

@@ -4,9 +4,16 @@ Keras's own ``EarlyStopping``, ``ReduceLROnPlateau`` and ``ModelCheckpoint`` (Ke
 keep their counts in public attributes that their ``on_train_begin`` resets, so a resumed ``fit``
 would restart their patience and forget the best score (keras-team/keras#17012). A user's callback
 takes part by defining ``state_dict()`` (returning JSON values) and ``load_state_dict(state)``: the
-names Lightning gives the same protocol. The states are saved as ``callbacks.json`` in the payload,
-keyed by class name (``EarlyStopping``, then ``EarlyStopping#2`` for a second one), and applied once
-every ``on_train_begin`` has run.
+names Lightning gives the same protocol. The states are saved as ``callbacks.json`` in the payload
+and applied once every ``on_train_begin`` has run, each to the callback with the same key:
+
+- a callback's ``state_key`` where it has one (Lightning's name for it);
+- Keras's own, by class and what they watch, as Lightning keys its ``EarlyStopping`` and
+  ``ModelCheckpoint``: ``EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}`` (tf_keras keeps
+  no ``mode`` on some: the monitor alone then);
+- any other, by class name;
+
+then ``#2``, ``#3`` for a second and third callback with the same key, in list order.
 """
 
 from __future__ import annotations
@@ -107,9 +114,20 @@ def _dumps(value: Any) -> str:
 def _keyed(callbacks: Iterable[Any]) -> Iterator[tuple[str, Any]]:
     seen: dict[str, int] = {}
     for callback in callbacks:
-        name = type(callback).__name__
-        seen[name] = seen.get(name, 0) + 1
-        yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), callback
+        key = _key(callback)
+        seen[key] = seen.get(key, 0) + 1
+        yield (key if seen[key] == 1 else f"{key}#{seen[key]}"), callback
+
+
+def _key(callback: Any) -> str:
+    state_key = getattr(callback, "state_key", None)
+    if isinstance(state_key, str):
+        return state_key
+    name = type(callback).__name__
+    if _built_in(callback) is None:
+        return name
+    watched = {attr: getattr(callback, attr, None) for attr in ("monitor", "mode")}
+    return name + repr({attr: value for attr, value in watched.items() if isinstance(value, str)})
 
 
 def _has_protocol(callback: Any) -> bool:

@@ -9,6 +9,9 @@ and Keras 3 without a strategy builds the model only in its first step. :class:`
 - inside an epoch, has that stand-in read the batches trained before the backup without training
   on them, and put back the compiled metrics' sums that ``fit`` reset for the epoch; where one
   iterator is read across epochs (tf_keras arrays), it first reads the earlier epochs again;
+- hides those reads from every callback: no ``on_train_batch_begin/end`` is called for them, so
+  batch indices continue from the backup's, as in the uninterrupted run (Lightning fires nothing
+  for the batches it skips either);
 - turns the optimizer's counters into the :class:`Position` of each boundary.
 """
 
@@ -31,8 +34,11 @@ log = logging.getLogger(__name__)
 class Resume:
     """The position of one ``fit`` of ``state.model``, and the steps that resume it."""
 
-    def __init__(self, state: KerasTrainingState, fit_input: pipeline.InputPipeline) -> None:
+    def __init__(
+        self, state: KerasTrainingState, fit_input: pipeline.InputPipeline, callback_list: Any = None
+    ) -> None:
         self.state = state
+        self.callback_list = callback_list  # the fit's CallbackList, whose batch hooks hide skipped batches
         self.model = state.model
         self.flavour = state.flavour
         self.input = fit_input
@@ -53,7 +59,7 @@ class Resume:
         """Start ``fit`` at the backup's epoch, and ``restore(iterator)`` at its first step."""
         self.flavour.set_initial_epoch(self.model, opened.epoch)
         self.epoch = opened.epoch
-        _FirstSteps(self.model, restore)
+        _FirstSteps(self.model, restore, hooks=self.callback_list)
 
     def build(self, iterator: Any = None) -> None:
         """Build what the first step would build, so that the backup can be checked and loaded."""
@@ -93,7 +99,9 @@ class Resume:
                 manifest.epoch,
             )
         if (skip or lead) and iterator is None:
-            _FirstSteps(self.model, lambda it: self._continue_epoch(manifest, skip, it), lead)
+            _FirstSteps(
+                self.model, lambda it: self._continue_epoch(manifest, skip, it), lead, self.callback_list
+            )
         elif skip:
             self._continue_epoch(manifest, skip, iterator)
         return skip
@@ -155,10 +163,16 @@ class _FirstSteps:
     own function is put back. If ``steps_per_execution`` changed since the backup so that the count
     does not divide, the straddling call reads the rest and then trains; the epoch's input then
     ends inside its last call, so every batch is still trained once.
+
+    With ``hooks`` (the fit's ``CallbackList``), the calls that only read batches fire no batch hook
+    (see :class:`_HiddenBatches`); a straddling call fires them, as it trains.
     """
 
-    def __init__(self, model: keras.Model, prepare: Callable[[Any], int], lead: int = 0) -> None:
+    def __init__(
+        self, model: keras.Model, prepare: Callable[[Any], int], lead: int = 0, hooks: Any = None
+    ) -> None:
         self.model = model
+        self.hooks = _HiddenBatches(hooks) if hooks is not None else None
         self.lead = lead
         original = _private.train_function(model)
         assert original is not None, "fit makes the train function before on_train_begin"
@@ -175,7 +189,7 @@ class _FirstSteps:
                 next(iterator)
             self.remaining = self.prepare(iterator)
         if self.remaining <= 0 or iterator is not self.iterator:  # done, or a later epoch or fit
-            _FirstSteps.remove(self.model)
+            self._done(trains=True)
             return self.original(iterator)
         per_call = self.model.steps_per_execution  # tf_keras: a (maybe mirrored) variable
         per_call = int(per_call.numpy() if hasattr(per_call, "numpy") else per_call)
@@ -183,11 +197,20 @@ class _FirstSteps:
         for _ in range(skipped):
             next(iterator)
         self.remaining -= skipped
-        if self.remaining <= 0:
-            _FirstSteps.remove(self.model)
         if skipped < per_call:  # the rest of this call's batches are trained
+            self._done(trains=True)
             return self._train_part(iterator, per_call - skipped)
+        if self.hooks is not None:
+            self.hooks.hide(last=self.remaining <= 0)
+        if self.remaining <= 0:
+            self._done(trains=False)
         return self.model.get_metrics_result()
+
+    def _done(self, trains: bool) -> None:
+        """Put the model's own train function back; if this call trains, fire its held batch begin."""
+        _private.set_train_function(self.model, self.original)
+        if trains and self.hooks is not None:
+            self.hooks.show()
 
     def _train_part(self, iterator: Any, batches: int) -> Any:
         """Train the next ``batches`` (fewer than ``steps_per_execution``) in one call.
@@ -208,7 +231,51 @@ class _FirstSteps:
 
     @staticmethod
     def remove(model: keras.Model) -> None:
-        """Put the model's own train function back, if a stand-in is there."""
+        """Put the model's own train function and its fit's batch hooks back, if a stand-in is there."""
         stand_in = _private.train_function(model)
         if isinstance(stand_in, _FirstSteps):
             _private.set_train_function(model, stand_in.original)
+            if stand_in.hooks is not None:
+                stand_in.hooks.release()
+
+
+class _HiddenBatches:
+    """Keeps the batches a resumed ``fit`` only reads again out of every callback's sight.
+
+    ``fit`` calls ``on_train_batch_begin``, the train function, then ``on_train_batch_end``, once per
+    ``steps_per_execution`` batches. Each begin is held until the train function (the stand-in)
+    knows whether its call trains: if it does, the begin is called then, before the training, and
+    the hooks go back to the list; if it only reads, neither its begin nor its end is ever called.
+    """
+
+    def __init__(self, callback_list: Any) -> None:
+        self.callback_list = callback_list
+        self.held: tuple[int, Any] | None = None  # the begin of the call in progress
+        self.hide_end = False
+        self.last = False  # the hidden end is the last one: release after it
+        _private.hold_train_batch_hooks(callback_list, self._begin, self._end)
+
+    def _begin(self, batch: int, logs: Any = None) -> None:
+        self.held = (batch, logs)
+
+    def _end(self, batch: int, logs: Any = None) -> None:
+        if not self.hide_end:  # not reached: a call that trains releases the hooks before its end
+            _private.train_batch_end(self.callback_list, batch, logs)
+            return
+        self.hide_end = False
+        if self.last:
+            self.release()
+
+    def hide(self, last: bool) -> None:
+        """The call in progress only reads: drop its begin and its end."""
+        self.held, self.hide_end, self.last = None, True, last
+
+    def show(self) -> None:
+        """The call in progress trains: call its begin now and stop hiding."""
+        held, self.held = self.held, None
+        self.release()
+        if held is not None:
+            _private.train_batch_begin(self.callback_list, *held)
+
+    def release(self) -> None:
+        _private.release_train_batch_hooks(self.callback_list)

@@ -20,6 +20,9 @@ STEPS_PER_EPOCH = 8
 
 Interrupt = tuple[int, int] | Literal["end"] | None
 
+# One callback hook call as a callback saw it, in framework-neutral words (see ``Driver.fit``).
+Hook = tuple[Any, ...]
+
 
 @dataclasses.dataclass
 class FitResult:
@@ -32,17 +35,26 @@ class FitResult:
         losses: epoch index -> the epoch's mean training loss as the framework reports it at the
             epoch's end (Keras: ``logs["loss"]``; Lightning: the epoch-aggregated ``train_loss``),
             for each epoch that ended in this call.
+        hooks: with ``fit(record_hooks=True)``, every training hook call a callback received, in
+            order (see ``Driver.fit``).
+        best_score: with ``fit(best_checkpoint=...)``, the best score that checkpoint callback holds
+            when the call ends.
     """
 
     epochs_run: list[int]
     global_step: int
     error: BaseException | None = None
     losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    hooks: list[Hook] = dataclasses.field(default_factory=list)
+    best_score: float | None = None
 
 
 class Driver(Protocol):
     name: str  # "keras" or "lightning", also the manifest's ``framework``
     message_logger: str | None  # where the framework's own messages go: a logger's name, or None (stdout)
+    # Whether the framework calls the epoch-begin hook of an epoch resumed in its middle (Keras begins
+    # every epoch fit runs; Lightning's loop counts that epoch as begun, as with its own ckpt_path).
+    begins_a_resumed_epoch: bool
 
     def new_run(
         self,
@@ -78,6 +90,8 @@ class Driver(Protocol):
         early_stopping: bool = False,
         patience: bool = False,
         backup_first: bool = False,
+        record_hooks: bool = False,
+        best_checkpoint: Path | None = None,
         **options: Any,
     ) -> FitResult:
         """Train ``run`` for ``epochs`` with ``BackupAndRestore(backup_dir, save_freq=save_freq, **options)``.
@@ -93,7 +107,25 @@ class Driver(Protocol):
         required: the LR halves after epochs 2 and 4, and training stops after epoch 3.
         ``backup_first``: the callback goes first in the callbacks list instead of last. The error, if
         any, is caught and returned in ``error``.
+
+        ``record_hooks``: a callback listed first records every training hook call it receives in
+        ``FitResult.hooks``: ``("train_begin",)``, ``("epoch_begin", e)``, ``("batch_begin", e, b, g)``,
+        ``("batch_end", e, b, g, loss)``, ``("epoch_end", e, loss)``, ``("train_end",)``, where ``b`` is
+        the batch index the framework passes, ``g`` the optimizer's step counter at that moment and
+        ``loss`` the loss the hook is handed (Keras: ``logs["loss"]``, the epoch's running mean;
+        Lightning: the step's loss in ``outputs``, and ``train_loss`` at the epoch's end). Keras calls
+        the batch hooks once per ``steps_per_execution`` batches (``b`` of the first, then of the
+        last); Lightning once per batch.
+
+        ``best_checkpoint``: a folder where the framework's best-only checkpoint callback (Keras:
+        ``ModelCheckpoint(save_best_only=True, save_weights_only=True)``; Lightning:
+        ``ModelCheckpoint(save_top_k=1, save_weights_only=True)``) keeps the weights of the epoch with
+        the highest training loss (``mode="max"``: the loss falls every epoch, so the best is the
+        first epoch's, and a resumed run that forgot it would write over it).
         """
+
+    def checkpoint_weights(self, folder: Path) -> list[np.ndarray]:
+        """The weights in the file that ``fit(best_checkpoint=folder)`` kept, in ``weights``' order."""
 
     def learning_rate(self, run: Any) -> float:
         """The optimizer's learning rate now."""

@@ -25,9 +25,10 @@ import numpy as np
 from keras_impl import BackupAndRestore
 from tests.harness import worker_argv
 
-from .driver import STEPS_PER_EPOCH, FitResult, Interrupt
+from .driver import STEPS_PER_EPOCH, FitResult, Hook, Interrupt
 
 BATCH = 8
+CHECKPOINT = "best.weights.h5"  # the file of fit(best_checkpoint=folder)
 SAMPLES = STEPS_PER_EPOCH * BATCH
 
 
@@ -126,24 +127,52 @@ class _Interrupt:
 
 
 class _EpochRecorder:
-    """The epochs that begin, and each ended epoch's mean loss as ``fit`` reports it."""
+    """The epochs that begin, and each ended epoch's mean loss as ``fit`` reports it; with ``hooks``,
+    every training hook call (see ``Driver.fit``)."""
 
-    def __init__(self) -> None:
+    model: Any
+
+    def __init__(self, hooks: list[Hook] | None = None) -> None:
         super().__init__()
         self.epochs: list[int] = []
         self.losses: dict[int, float] = {}
+        self.hooks = hooks
+        self.epoch = -1
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._record("train_begin")
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epochs.append(epoch)
+        self.epoch = epoch
+        self._record("epoch_begin", epoch)
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self.hooks is not None:
+            self._record("batch_begin", self.epoch, batch, int(self.model.optimizer.iterations))
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.hooks is not None:
+            step = int(self.model.optimizer.iterations)
+            self._record("batch_end", self.epoch, batch, step, float(logs["loss"]))
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.losses[epoch] = float(logs["loss"])
+        self._record("epoch_end", epoch, self.losses[epoch])
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._record("train_end")
+
+    def _record(self, *call: Any) -> None:
+        if self.hooks is not None:
+            self.hooks.append(call)
 
 
 class KerasDriver:
     name = "keras"  # the manifest's framework
     K: ModuleType = keras
     message_logger: str | None = None  # Keras's callbacks print their messages to stdout
+    begins_a_resumed_epoch = True
 
     def new_run(
         self,
@@ -179,10 +208,13 @@ class KerasDriver:
         early_stopping: bool = False,
         patience: bool = False,
         backup_first: bool = False,
+        record_hooks: bool = False,
+        best_checkpoint: Path | None = None,
         **options: Any,
     ) -> FitResult:
         interrupter, recorder_class = callbacks_of(self.K)
-        recorder = recorder_class()
+        hooks: list[Hook] = []
+        recorder = recorder_class(hooks if record_hooks else None)
         callbacks: list[Any] = [recorder]
         if interrupt is not None:
             callbacks.append(interrupter(interrupt))
@@ -193,6 +225,13 @@ class KerasDriver:
             callbacks.append(
                 self.K.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=2, min_delta=1e9)
             )
+        checkpoint = None
+        if best_checkpoint is not None:
+            checkpoint = self.K.callbacks.ModelCheckpoint(
+                str(best_checkpoint / CHECKPOINT), monitor="loss", mode="max", save_best_only=True,
+                save_weights_only=True,
+            )  # fmt: skip
+            callbacks.append(checkpoint)
         backup = (
             BackupAndRestore(backup_dir, save_freq=save_freq, **options) if backup_dir is not None else None
         )
@@ -212,7 +251,10 @@ class KerasDriver:
                 # A restarted job is a new process, whose kernel dropped the old one's lock; this
                 # process goes on, so release the folder as the process's end would (the backup stays).
                 backup.release()
-        return FitResult(recorder.epochs, int(run.model.optimizer.iterations), error, recorder.losses)
+        best = float(checkpoint.best) if checkpoint is not None else None
+        return FitResult(
+            recorder.epochs, int(run.model.optimizer.iterations), error, recorder.losses, hooks, best
+        )
 
     dropout_options: dict[str, Any] = {}
 
@@ -225,6 +267,11 @@ class KerasDriver:
 
     def weights(self, run: KerasRun) -> list[np.ndarray]:
         return [np.array(w) for w in run.model.get_weights()]
+
+    def checkpoint_weights(self, folder: Path) -> list[np.ndarray]:
+        run = self.new_run()
+        run.model.load_weights(str(folder / CHECKPOINT))
+        return self.weights(run)
 
     def optimizer_state(self, run: KerasRun) -> list[np.ndarray]:
         """Every optimizer variable: the step counter first, then the slots, in Keras's order."""

@@ -10,10 +10,10 @@ from typing import Any
 import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lightning_impl import BackupAndRestore
-from tests.conformance.driver import STEPS_PER_EPOCH, FitResult, Interrupt
+from tests.conformance.driver import STEPS_PER_EPOCH, FitResult, Hook, Interrupt
 from tests.harness import worker_argv
 
 SAMPLES = 64
@@ -98,24 +98,46 @@ class Run(L.LightningModule):
 
 
 class _Recorder(L.Callback):
-    """Records the epochs that begin and their epoch-end losses; raises ``RuntimeError("interrupt")``."""
+    """Records the epochs that begin and their epoch-end losses, and with ``hooks`` every training hook
+    call (see ``Driver.fit``); raises ``RuntimeError("interrupt")``."""
 
-    def __init__(self, interrupt: Interrupt) -> None:
+    def __init__(self, interrupt: Interrupt, hooks: list[Hook] | None = None) -> None:
         self.interrupt = interrupt
         self.epochs_run: list[int] = []
         self.losses: dict[int, float] = {}
+        self.hooks = hooks
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record("train_begin")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epochs_run.append(trainer.current_epoch)
+        self._record("epoch_begin", trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.losses[trainer.current_epoch] = float(trainer.callback_metrics["train_loss"])
+        self._record("epoch_end", trainer.current_epoch, self.losses[trainer.current_epoch])
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._record("batch_begin", trainer.current_epoch, batch_idx, trainer.global_step)
         if self.interrupt == (trainer.current_epoch, batch_idx):
             raise RuntimeError("interrupt")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.hooks is not None:
+            loss = float(outputs["loss"])
+            self._record("batch_end", trainer.current_epoch, batch_idx, trainer.global_step, loss)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record("train_end")
+
+    def _record(self, *call: Any) -> None:
+        if self.hooks is not None:
+            self.hooks.append(call)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.interrupt == "end":
@@ -123,12 +145,13 @@ class _Recorder(L.Callback):
 
 
 def new_trainer(epochs: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    """A Trainer as a restarted job would build it: CPU, quiet, no logger or checkpointing of its own."""
+    """A Trainer as a restarted job would build it: CPU, quiet, no logger or checkpointing of its own
+    (unless ``enable_checkpointing=True`` and a ``ModelCheckpoint`` is in ``callbacks``)."""
+    kwargs.setdefault("enable_checkpointing", False)
     return L.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
@@ -140,6 +163,7 @@ def new_trainer(epochs: int, callbacks: list[L.Callback], **kwargs: Any) -> L.Tr
 class LightningDriver:
     name = "lightning"
     message_logger: str | None = "lightning.pytorch"  # where rank-zero info goes, shown by Lightning
+    begins_a_resumed_epoch = False
 
     def new_run(
         self,
@@ -165,9 +189,12 @@ class LightningDriver:
         early_stopping: bool = False,
         patience: bool = False,
         backup_first: bool = False,
+        record_hooks: bool = False,
+        best_checkpoint: Path | None = None,
         **options: Any,
     ) -> FitResult:
-        recorder = _Recorder(interrupt)
+        hooks: list[Hook] = []
+        recorder = _Recorder(interrupt, hooks if record_hooks else None)
         callbacks: list[L.Callback] = [recorder]  # before ours: its on_fit_end runs first
         if early_stopping:
             # The first epoch always improves on +inf; the second cannot improve by 1e9, and patience=0 stops.
@@ -175,10 +202,22 @@ class LightningDriver:
         run.plateau = patience
         if patience:  # no epoch after the first improves by 1e9: the LR halves after epoch 2, stop after 3
             callbacks.append(EarlyStopping(monitor="train_loss", min_delta=1e9, patience=3))
+        checkpoint = None
+        if best_checkpoint is not None:
+            checkpoint = ModelCheckpoint(
+                dirpath=best_checkpoint, filename="best", monitor="train_loss", mode="max", save_top_k=1,
+                save_weights_only=True, enable_version_counter=False,
+            )  # fmt: skip
+            callbacks.append(checkpoint)
         if backup_dir is not None:
             backup = BackupAndRestore(backup_dir, save_freq=save_freq, **options)
             callbacks.insert(0, backup) if backup_first else callbacks.append(backup)
-        trainer = new_trainer(epochs, callbacks, accumulate_grad_batches=run.accumulate)
+        trainer = new_trainer(
+            epochs,
+            callbacks,
+            accumulate_grad_batches=run.accumulate,
+            enable_checkpointing=checkpoint is not None,
+        )
         error: BaseException | None = None
         try:
             trainer.fit(run)
@@ -189,7 +228,14 @@ class LightningDriver:
             global_step=trainer.global_step,
             error=error,
             losses=recorder.losses,
+            hooks=hooks,
+            best_score=None if checkpoint is None else float(checkpoint.best_model_score),
         )
+
+    def checkpoint_weights(self, folder: Path) -> list[np.ndarray]:
+        (path,) = folder.glob("*.ckpt")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return [tensor.numpy().copy() for name, tensor in state.items() if name.startswith("net.")]
 
     def learning_rate(self, run: Run) -> float:
         assert run.optimizer is not None, "fit has not run"

@@ -1,5 +1,6 @@
 """Other callbacks' state survives a resume: early stopping and reduce-on-plateau interrupted inside
-their patience window end as the uninterrupted run does, in every adapter."""
+their patience window end as the uninterrupted run does, and a best-only checkpoint keeps the best
+file, in every adapter."""
 
 from __future__ import annotations
 
@@ -30,3 +31,23 @@ def test_early_stopping_and_plateau_inside_their_patience_window_end_as_uninterr
     assert driver.learning_rate(run) == driver.learning_rate(reference), "the plateau's count was lost"
     assert_same_weights(driver.weights(run), driver.weights(reference))
     assert not backup_dir.exists()
+
+
+def test_a_best_only_checkpoint_keeps_the_best_file_and_score_across_a_resume(driver, tmp_path):
+    """The checkpoint keeps the epoch of highest loss: the first. A resumed run that forgot that score
+    would take its first epoch for the best and write over the file."""
+    reference = driver.fit(
+        driver.new_run(seed=0), tmp_path / "reference", epochs=4, best_checkpoint=tmp_path / "reference-best"
+    )
+    assert reference.error is None and reference.best_score == reference.losses[0]
+    assert sorted(reference.losses.values(), reverse=True) == [reference.losses[e] for e in range(4)]
+
+    backup_dir, best = tmp_path / "backup", tmp_path / "best"
+    first = driver.fit(driver.new_run(seed=0), backup_dir, epochs=4, interrupt=(2, 3), best_checkpoint=best)
+    assert isinstance(first.error, RuntimeError)
+    resumed = driver.fit(driver.new_run(seed=1), backup_dir, epochs=4, best_checkpoint=best)
+    assert resumed.error is None and resumed.epochs_run == [2, 3]
+    assert resumed.best_score == reference.best_score, "the best score was not carried over"
+    assert_same_weights(
+        driver.checkpoint_weights(best), driver.checkpoint_weights(tmp_path / "reference-best")
+    )

@@ -164,6 +164,39 @@ def test_unbuilt_model_falls_back_to_the_previous_backup_before_fit_picks_its_fi
     assert_same(resumed, control)
 
 
+class Batches(keras.callbacks.Callback):
+    """Every batch hook call: (hook, epoch, batch, the optimizer's step counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int, int, int]] = []
+        self.epoch = -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.calls.append(("begin", self.epoch, batch, int(self.model.optimizer.iterations)))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("end", self.epoch, batch, int(self.model.optimizer.iterations)))
+
+
+def test_a_restore_at_the_first_step_hides_the_skipped_batches_from_every_callback(tmp_path, monkeypatch):
+    """Where only the first step can build the model, the restore (and so the number of batches to skip)
+    happens after that step's on_train_batch_begin: that call is held until the step knows it only reads."""
+    monkeypatch.setattr(pipeline, "inspect_fit_input", lambda: pipeline.UNKNOWN)
+    control, seen = unbuilt_model(), Batches()
+    fit(control, [seen])
+    interrupted(tmp_path / "b", unbuilt_model(), at=(1, 6), save_freq=5)
+    assert manifest_counters(tmp_path / "b") == (1, 2, 10)  # 2 batches of epoch 1 trained
+    resumed, resumed_seen = unbuilt_model(seed=7), Batches()
+    assert fit(resumed, [resumed_seen, BackupAndRestore(tmp_path / "b", save_freq=5)]) == [1, 2, 3]
+    assert resumed_seen.calls[:2] == [("begin", 1, 2, 10), ("end", 1, 2, 11)]
+    assert resumed_seen.calls == [call for call in seen.calls if call[1:3] >= (1, 2)]
+    assert_same(resumed, control)
+
+
 def test_dropout_rng_state_is_restored(tmp_path):
     control = unbuilt_model(dropout=True)
     fit(control, [])

@@ -327,3 +327,41 @@ def test_a_callback_moved_last_runs_after_the_others_from_the_next_hook_on():
     assert order == ["begin a", "begin b", "end b", "end a"], (
         CHANGED + "CallbackList.callbacks is not read per hook"
     )
+
+
+@pytest.mark.parametrize("flavour", ["keras", pytest.param("tf_keras", marks=pytest.mark.tf_keras)])
+def test_a_fits_batch_hooks_can_be_held_on_its_callback_list_and_given_back(flavour):
+    K = keras if flavour == "keras" else pytest.importorskip("tf_keras")
+    changed = CHANGED if flavour == "keras" else TF_KERAS_CHANGED
+    held: list[tuple[str, int]] = []
+    seen: list[tuple[str, int]] = []
+
+    class Holder(K.callbacks.Callback):  # type: ignore[misc,name-defined]
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.callback_list = _private.fit_callback_list(self)
+            _private.hold_train_batch_hooks(
+                self.callback_list,
+                lambda batch, logs=None: held.append(("begin", batch)),
+                lambda batch, logs=None: held.append(("end", batch)),
+            )
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            seen.append(("begin", batch))
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            seen.append(("end", batch))
+
+    model = new_model() if flavour == "keras" else tf_keras_model()
+    x, y = data()
+    holder = Holder()
+    model.fit(x[: 2 * BATCH], y[: 2 * BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[holder])
+    assert held == [("begin", 0), ("end", 0), ("begin", 1), ("end", 1)], (
+        changed + "fit no longer calls the batch hooks through its CallbackList object"
+    )
+    assert seen == []
+    _private.train_batch_begin(holder.callback_list, 7)
+    _private.train_batch_end(holder.callback_list, 7)
+    assert seen == [("begin", 7), ("end", 7)], changed + "CallbackList's batch hook methods"
+    _private.release_train_batch_hooks(holder.callback_list)
+    holder.callback_list.on_train_batch_begin(8)
+    assert seen[-1] == ("begin", 8) and len(held) == 4
