@@ -133,30 +133,32 @@ def fit_callback_list(callback: Any) -> Any:
     return frames[0].f_locals["callbacks"] if frames else None
 
 
-def hold_train_batch_hooks(callback_list: Any, begin: Callable[..., None], end: Callable[..., None]) -> None:
-    """Route the ``fit``'s calls of ``callback_list.on_train_batch_begin/end`` to ``begin`` and ``end``.
+class HeldTrainBatchHooks:
+    """Routes a ``fit``'s calls of ``callback_list.on_train_batch_begin/end`` to ``begin`` and ``end``
+    until :meth:`release`.
 
     ``fit`` calls them through the list object it made for this ``fit`` (Keras 3 and tf_keras alike):
-    instance attributes shadow the class's methods for that object only.
+    instance attributes shadow the class's methods for that object only. ``own_begin`` and
+    ``own_end`` are what was there before (the list's methods, or someone else's patch of that
+    object), which :meth:`release` puts back.
     """
-    callback_list.on_train_batch_begin = begin
-    callback_list.on_train_batch_end = end
 
+    NAMES = ("on_train_batch_begin", "on_train_batch_end")
 
-def train_batch_begin(callback_list: Any, batch: int, logs: Any = None) -> None:
-    """Call every callback's ``on_train_batch_begin`` as the list's own method does."""
-    type(callback_list).on_train_batch_begin(callback_list, batch, logs)
+    def __init__(self, callback_list: Any, begin: Callable[..., None], end: Callable[..., None]) -> None:
+        self.callback_list = callback_list
+        self.own_begin = callback_list.on_train_batch_begin
+        self.own_end = callback_list.on_train_batch_end
+        self.displaced = {
+            name: vars(callback_list)[name] for name in self.NAMES if name in vars(callback_list)
+        }
+        callback_list.on_train_batch_begin = begin
+        callback_list.on_train_batch_end = end
 
-
-def train_batch_end(callback_list: Any, batch: int, logs: Any = None) -> None:
-    """Call every callback's ``on_train_batch_end`` as the list's own method does."""
-    type(callback_list).on_train_batch_end(callback_list, batch, logs)
-
-
-def release_train_batch_hooks(callback_list: Any) -> None:
-    """Undo :func:`hold_train_batch_hooks`."""
-    for name in ("on_train_batch_begin", "on_train_batch_end"):
-        callback_list.__dict__.pop(name, None)
+    def release(self) -> None:
+        for name in self.NAMES:
+            vars(self.callback_list).pop(name, None)
+        vars(self.callback_list).update(self.displaced)
 
 
 def run_last(callback: Any) -> None:

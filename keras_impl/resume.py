@@ -165,7 +165,9 @@ class _FirstSteps:
     ends inside its last call, so every batch is still trained once.
 
     With ``hooks`` (the fit's ``CallbackList``), the calls that only read batches fire no batch hook
-    (see :class:`_HiddenBatches`); a straddling call fires them, as it trains.
+    (see :class:`_HiddenBatches`); a straddling call fires them, as it trains. An error raised
+    inside a call (a refused restore, Ctrl-C during the skip) puts the train function and the
+    hooks back before it propagates.
     """
 
     def __init__(
@@ -183,6 +185,13 @@ class _FirstSteps:
         _private.set_train_function(model, self)
 
     def __call__(self, iterator: Any) -> Any:
+        try:
+            return self._call(iterator)
+        except BaseException:  # an error, or Ctrl-C during the skip: nothing of the resume stays behind
+            _FirstSteps.remove(self.model)
+            raise
+
+    def _call(self, iterator: Any) -> Any:
         if self.iterator is None:
             self.iterator = iterator
             for _ in range(self.lead):
@@ -253,14 +262,14 @@ class _HiddenBatches:
         self.held: tuple[int, Any] | None = None  # the begin of the call in progress
         self.hide_end = False
         self.last = False  # the hidden end is the last one: release after it
-        _private.hold_train_batch_hooks(callback_list, self._begin, self._end)
+        self.hooks = _private.HeldTrainBatchHooks(callback_list, self._begin, self._end)
 
     def _begin(self, batch: int, logs: Any = None) -> None:
         self.held = (batch, logs)
 
     def _end(self, batch: int, logs: Any = None) -> None:
         if not self.hide_end:  # not reached: a call that trains releases the hooks before its end
-            _private.train_batch_end(self.callback_list, batch, logs)
+            self.hooks.own_end(batch, logs)
             return
         self.hide_end = False
         if self.last:
@@ -275,7 +284,7 @@ class _HiddenBatches:
         held, self.held = self.held, None
         self.release()
         if held is not None:
-            _private.train_batch_begin(self.callback_list, *held)
+            self.hooks.own_begin(*held)
 
     def release(self) -> None:
-        _private.release_train_batch_hooks(self.callback_list)
+        self.hooks.release()

@@ -12,11 +12,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_impl import BackupAndRestore, pipeline
+from keras_impl import BackupAndRestore, pipeline, resume
 from keras_impl.state import KerasTrainingState, canonical_paths
 from tests.conformance.keras_driver import BATCH, KerasDriver, data
 from unified_backup import (
     CorruptBackupError,
+    IncompatibleBackupError,
     InvalidArgumentError,
     Manifest,
     Position,
@@ -182,19 +183,76 @@ class Batches(keras.callbacks.Callback):
         self.calls.append(("end", self.epoch, batch, int(self.model.optimizer.iterations)))
 
 
-def test_a_restore_at_the_first_step_hides_the_skipped_batches_from_every_callback(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("save_freq", "counters"), [(5, (1, 2, 10)), ("epoch", (1, 0, 8))], ids=["inside-an-epoch", "epoch-end"]
+)
+def test_a_restore_at_the_first_step_hides_the_skipped_batches_from_every_callback(
+    tmp_path, monkeypatch, save_freq, counters
+):
     """Where only the first step can build the model, the restore (and so the number of batches to skip)
-    happens after that step's on_train_batch_begin: that call is held until the step knows it only reads."""
+    happens after that step's on_train_batch_begin: that call is held until the step knows whether it
+    only reads (then never called) or trains (then called before it trains, on the restored model)."""
     monkeypatch.setattr(pipeline, "inspect_fit_input", lambda: pipeline.UNKNOWN)
     control, seen = unbuilt_model(), Batches()
     fit(control, [seen])
-    interrupted(tmp_path / "b", unbuilt_model(), at=(1, 6), save_freq=5)
-    assert manifest_counters(tmp_path / "b") == (1, 2, 10)  # 2 batches of epoch 1 trained
+    interrupted(tmp_path / "b", unbuilt_model(), at=(1, 6), save_freq=save_freq)
+    epoch, skipped, step = manifest_counters(tmp_path / "b")
+    assert (epoch, skipped, step) == counters
     resumed, resumed_seen = unbuilt_model(seed=7), Batches()
-    assert fit(resumed, [resumed_seen, BackupAndRestore(tmp_path / "b", save_freq=5)]) == [1, 2, 3]
-    assert resumed_seen.calls[:2] == [("begin", 1, 2, 10), ("end", 1, 2, 11)]
-    assert resumed_seen.calls == [call for call in seen.calls if call[1:3] >= (1, 2)]
+    assert fit(resumed, [resumed_seen, BackupAndRestore(tmp_path / "b", save_freq=save_freq)]) == [1, 2, 3]
+    assert resumed_seen.calls[:2] == [("begin", 1, skipped, step), ("end", 1, skipped, step + 1)]
+    assert resumed_seen.calls == [call for call in seen.calls if call[1:3] >= (1, skipped)]
     assert_same(resumed, control)
+
+
+def test_an_error_in_the_first_batch_hook_after_the_skip_leaves_nothing_of_the_resume_behind(tmp_path):
+    """The first trained batch's on_train_batch_begin runs inside the train function (held there until
+    the skip is over): when it raises, the model's train function and the user's CallbackList are put
+    back, and a later fit without BackupAndRestore calls every hook once."""
+    interrupted(tmp_path / "b", at=(1, 6), save_freq=4)
+    assert manifest_counters(tmp_path / "b") == (1, 4, 12)
+    model, seen = new_model(seed=1), Batches()
+    model.make_train_function()
+    original = model.train_function
+    callback = BackupAndRestore(tmp_path / "b", save_freq=4)
+    callback_list = keras.callbacks.CallbackList([seen, Interrupt(1, 4), callback], model=model)
+    x, y = data()
+    with pytest.raises(RuntimeError, match="interrupt"):
+        model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0, callbacks=callback_list)
+    callback.release()
+    assert seen.calls == [("begin", 1, 4, 12)]
+    assert not any(name.startswith("on_train_batch") for name in vars(callback_list))
+    assert model.train_function is original
+    seen.calls.clear()
+    assert fit(model, [seen], epochs=1) == [0]
+    assert [call[:3] for call in seen.calls] == [
+        (hook, 0, b) for b in range(STEPS) for hook in ("begin", "end")
+    ]
+
+
+def test_a_restore_refused_at_the_first_step_leaves_nothing_of_the_resume_behind(tmp_path, monkeypatch):
+    """A backup of another model, found only when the first step built this one: fit raises the
+    refusal from inside the train function (the skip's hooks held), and a later fit without
+    BackupAndRestore neither restores nor calls a held hook."""
+    monkeypatch.setattr(pipeline, "inspect_fit_input", lambda: pipeline.UNKNOWN)
+    interrupted(tmp_path / "b", unbuilt_model(), at=(1, 6), save_freq=5)
+    other = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    other.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    seen = Batches()
+    callback = BackupAndRestore(tmp_path / "b", save_freq=5)
+    callback_list = keras.callbacks.CallbackList([seen, callback], model=other)
+    x, y = data()
+    with pytest.raises(IncompatibleBackupError):
+        other.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=callback_list)
+    assert seen.calls == []
+    assert not isinstance(other.train_function, resume._FirstSteps)  # before any release()
+    assert not any(name.startswith("on_train_batch") for name in vars(callback_list))
+    callback.release()
+    assert fit(other, [seen], epochs=1) == [0]
+    assert [call[:3] for call in seen.calls] == [
+        (hook, 0, b) for b in range(STEPS) for hook in ("begin", "end")
+    ]
+    assert seen.calls[0][3] == 0  # trained from its own first step: nothing was restored
 
 
 def test_dropout_rng_state_is_restored(tmp_path):

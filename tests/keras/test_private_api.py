@@ -339,7 +339,7 @@ def test_a_fits_batch_hooks_can_be_held_on_its_callback_list_and_given_back(flav
     class Holder(K.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_train_begin(self, logs: Any = None) -> None:
             self.callback_list = _private.fit_callback_list(self)
-            _private.hold_train_batch_hooks(
+            self.hooks = _private.HeldTrainBatchHooks(
                 self.callback_list,
                 lambda batch, logs=None: held.append(("begin", batch)),
                 lambda batch, logs=None: held.append(("end", batch)),
@@ -359,9 +359,10 @@ def test_a_fits_batch_hooks_can_be_held_on_its_callback_list_and_given_back(flav
         changed + "fit no longer calls the batch hooks through its CallbackList object"
     )
     assert seen == []
-    _private.train_batch_begin(holder.callback_list, 7)
-    _private.train_batch_end(holder.callback_list, 7)
+    holder.hooks.own_begin(7)
+    holder.hooks.own_end(7)
     assert seen == [("begin", 7), ("end", 7)], changed + "CallbackList's batch hook methods"
-    _private.release_train_batch_hooks(holder.callback_list)
+    holder.hooks.release()
     holder.callback_list.on_train_batch_begin(8)
     assert seen[-1] == ("begin", 8) and len(held) == 4
+    assert not any(name.startswith("on_train_batch") for name in vars(holder.callback_list))
