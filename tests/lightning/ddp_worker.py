@@ -1,8 +1,13 @@
-"""A 2-process DDP training on CPU (gloo), launched by Lightning itself (``strategy="ddp"``).
+"""A 2-process DDP training on CPU (gloo), launched by Lightning itself.
 
-``python -m tests.lightning.ddp_worker OUT_DIR [--backup-dir DIR] [--seed S] [--interrupt E,B]
-[--save-freq epoch|N] [--exact] [--sigterm R,E,B]``
+``python -m tests.lightning.ddp_worker OUT_DIR [--strategy ddp|ddp_spawn|ddp_fork] [--backup-dir DIR]
+[--seed S] [--interrupt E,B] [--save-freq epoch|N] [--exact] [--sigterm R,E,B] [--batch-sleep S]
+[--num-nodes 1|2]``
 Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
+``ddp`` runs this script once per rank (rank 0 is this process, and writes after ``fit``);
+``ddp_spawn`` and ``ddp_fork`` run ``fit`` in child processes, which write at their ``fit``'s end:
+there, when a rank fails, the launcher may kill the other before it writes. ``--num-nodes 2``: one
+process per "node"; run the script twice, with ``NODE_RANK=0`` and ``NODE_RANK=1``.
 ``--exact``: dropout 0.2 and shuffled data (Lightning's DistributedSampler), each rank seeded
 differently in ``setup``, so that a resume must restore every rank's own random-number states.
 ``--sigterm R,E,B``: with ``save_before_preemption=True``, rank R sends itself SIGTERM after
@@ -17,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +30,21 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 
-from tests.lightning.helpers import NAMESPACES, interrupter, new_model, weights
+from tests.lightning.helpers import NAMESPACES, new_model, weights
 from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 
 
 class Report(L.Callback):
-    def __init__(self, backup: Any, seed_ranks: bool) -> None:
+    def __init__(
+        self, backup: Any, seed_ranks: bool, out: Path | None = None, batch_sleep: float = 0.0
+    ) -> None:
         self.backup = backup
         self.seed_ranks = seed_ranks
+        self.out = out  # where each rank writes its report at its fit's end (None: main() does)
+        self.launcher = (
+            os.getpid()
+        )  # ddp_spawn/ddp_fork call on_exception here too, on a copy that never trained
+        self.batch_sleep = batch_sleep
         self.record: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -43,6 +56,45 @@ class Report(L.Callback):
         self.record.update(
             restored_epoch=restored.epoch if restored else None, start_step=trainer.global_step
         )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.batch_sleep:
+            time.sleep(self.batch_sleep)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.out is not None and os.getpid() != self.launcher
+        ):  # a child process of ddp_spawn / ddp_fork: nothing runs after its fit
+            write_report(self.out, trainer, pl_module, self.record, error=None)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self.out is not None and os.getpid() != self.launcher:
+            error = "preempted" if isinstance(exception, TrainingPreempted) else str(exception)
+            if error == "preempted":
+                self.record["message"] = str(exception)
+            write_report(self.out, trainer, pl_module, self.record, error=error)
+
+
+def write_report(out: Path, trainer: Any, model: Any, record: dict[str, Any], error: str | None) -> None:
+    flat = np.concatenate([w.ravel() for w in weights(model)]).astype(float).tolist()
+    record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class Interrupt(L.Callback):
+    """Raises ``RuntimeError("interrupt")`` just before batch ``at[1]`` of epoch ``at[0]``, on every rank."""
+
+    def __init__(self, at: tuple[int, int]) -> None:
+        self.at = at
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        if (trainer.current_epoch, idx) == self.at:
+            raise RuntimeError("interrupt")
 
 
 class SigTerm(L.Callback):
@@ -66,6 +118,9 @@ def main() -> int:
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--sigterm")
     parser.add_argument("--keep-previous", action="store_true")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "ddp_fork"])
+    parser.add_argument("--batch-sleep", type=float, default=0.0)
+    parser.add_argument("--num-nodes", type=int, default=1, choices=[1, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
     backup_class = NAMESPACES["lightning.pytorch"][1]
@@ -80,20 +135,22 @@ def main() -> int:
         if args.backup_dir
         else None
     )
-    report = Report(backup, seed_ranks=args.exact)
+    in_children = args.strategy != "ddp"
+    report = Report(backup, args.exact, args.out if in_children else None, args.batch_sleep)
     callbacks: list[Any] = [backup, report] if backup else [report]
     if args.sigterm:
         rank, epoch, batch = map(int, args.sigterm.split(","))
         callbacks.insert(0, SigTerm(rank, (epoch, batch)))
     if args.interrupt:
         epoch, batch = map(int, args.interrupt.split(","))
-        callbacks.insert(0, interrupter("lightning.pytorch", (epoch, batch)))
+        callbacks.insert(0, Interrupt((epoch, batch)))
     trainer = L.Trainer(
         max_epochs=3,
         callbacks=callbacks,
-        strategy="ddp",
+        strategy=args.strategy,
         accelerator="cpu",
-        devices=2,
+        devices=2 // args.num_nodes,
+        num_nodes=args.num_nodes,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -108,10 +165,14 @@ def main() -> int:
     except TrainingPreempted as exc:
         error = "preempted"
         report.record["message"] = str(exc)
-    flat = np.concatenate([w.ravel() for w in weights(model)]).astype(float).tolist()
-    report.record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report.record))
+    except Exception as exc:  # noqa: BLE001 - ddp_spawn / ddp_fork: a child's error, as the launcher re-raises it
+        if not in_children:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    if in_children:  # the ranks reported
+        print(f"fit ended: {error}", file=sys.stderr, flush=True)
+        return {None: 0, "preempted": EXIT_PREEMPTED}.get(error, 3)
+    write_report(args.out, trainer, model, report.record, error)
     if torch.distributed.is_initialized():  # after an exception Lightning leaves it up; its threads,
         torch.distributed.destroy_process_group()  # left to the interpreter's exit, can abort (SIGABRT)
     code = {None: 0, "preempted": EXIT_PREEMPTED}.get(error, 3)

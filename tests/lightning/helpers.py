@@ -144,8 +144,23 @@ def model_class(namespace: str = "lightning.pytorch", validate: bool = False) ->
                 def val_dataloader(self) -> Any:
                     return make_loader("plain", shuffle=True)
 
+        # picklable by reference: ddp_spawn sends the model to processes that import this module anew
+        Model.__qualname__, Model.__module__ = _class_name(namespace, validate), __name__
         _MODELS[namespace, validate] = Model
     return _MODELS[namespace, validate]
+
+
+def _class_name(namespace: str, validate: bool) -> str:
+    return f"Model_{namespace.replace('.', '_')}" + ("_validate" if validate else "")
+
+
+def __getattr__(name: str) -> type:
+    """The model classes by the names pickle gives them (see ``model_class``), made on first use."""
+    for namespace in NAMESPACES:
+        for validate in (False, True):
+            if name == _class_name(namespace, validate):
+                return model_class(namespace, validate)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def new_model(namespace: str = "lightning.pytorch", validate: bool = False, **kwargs: Any) -> Any:

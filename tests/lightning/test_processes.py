@@ -74,12 +74,32 @@ def test_missing_framework_names_the_extra_to_install(module, hidden):
     assert "pip install 'unified-backup[lightning]'" in result.stderr
 
 
-def ddp(out: Path, *args: str, exit_code: int = 0) -> list[dict]:
+def ddp(out: Path, *args: str, exit_code: int = 0, reports: int = 2) -> list[dict]:
     """One 2-process DDP fit (gloo on 127.0.0.1) in a private network namespace; each rank's report.
 
-    ``exit_code``: what rank 0's process (Lightning's launcher) must exit with.
+    ``exit_code``: what rank 0's process (Lightning's launcher) must exit with. ``reports``: how many
+    rank reports must be there (under ddp_spawn/ddp_fork a failing rank may take the other down first).
     """
-    argv = [
+    result = run(ddp_argv(out, *args), timeout=180)
+    found = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()
+    ]
+    assert len(found) >= reports, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
+    assert result.returncode == exit_code, result.stderr[-4000:]
+    return found
+
+
+def ddp_argv(out: Path, *args: str) -> list[str]:
+    """argv of one DDP job; with ``--num-nodes 2`` in ``args``, two "nodes" (one process each, NODE_RANK
+    0 and 1) in one private network namespace, exiting with node 0's code once both ended."""
+    if "--num-nodes" in args:
+        worker = [sys.executable, "-m", "tests.lightning.ddp_worker", str(out), *args]
+        script = (
+            "ip link set lo up && export MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 && "
+            '{ NODE_RANK=1 "$@" & } && NODE_RANK=0 "$@"; code=$?; wait; exit $code'
+        )
+        return ["unshare", "-n", "sh", "-c", script, "_", *worker]
+    return [
         "unshare",
         "-n",
         "sh",
@@ -95,13 +115,6 @@ def ddp(out: Path, *args: str, exit_code: int = 0) -> list[dict]:
         str(out),
         *args,
     ]
-    result = run(argv, timeout=180)
-    reports = [
-        json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()
-    ]
-    assert len(reports) == 2, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
-    assert result.returncode == exit_code, result.stderr[-4000:]
-    return reports
 
 
 def demo(backup_dir: Path, out: Path, batch_sleep: float, save_freq: str = "5", *more: str) -> list[str]:
@@ -278,5 +291,91 @@ def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exa
     resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (1, 7)
+        assert rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
+
+
+def counters(slot: Slot) -> tuple[int, int, int]:
+    manifest = slot.read_manifest()
+    assert manifest is not None
+    return manifest.epoch, manifest.step_in_epoch, manifest.global_step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bit_identical(
+    tmp_path, strategy
+):
+    """ddp_spawn and ddp_fork run ``fit`` in child processes of the launcher (the callback is pickled
+    or forked there): an exception on every rank, a SIGKILL of the whole job and SIGTERM to rank 1
+    alone, each resumed by the next run, end on the uninterrupted run's weights."""
+    launcher = ("--strategy", strategy)
+    reference = ddp(tmp_path / "reference", *launcher, "--exact")
+    assert reference[0]["weights"] == reference[1]["weights"] and reference[0]["global_step"] == 12
+    backup_dir = tmp_path / "b"
+    options = (*launcher, "--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
+    slot = Slot(backup_dir)
+
+    # an exception on every rank before batch 3 of epoch 1 (step 7): the backup of step 6 stays
+    ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3, reports=0)
+    assert counters(slot) == (1, 2, 6)
+
+    # SIGKILL of the whole job (launcher and ranks) once the backup of step 9 is committed
+    argv = ddp_argv(tmp_path / "killed", *options, "--seed", "1", "--batch-sleep", "0.3")
+    job = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while counters(slot)[2] < 9 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert job.returncode == -signal.SIGKILL, job.stderr.read().decode()[-3000:] if job.stderr else ""
+    assert counters(slot) == (2, 1, 9)
+    slot.verify(slot.read_manifest())
+
+    # SIGTERM to rank 1 only, after batch 1 of epoch 2: every rank backs up step 10 and stops there
+    ddp(tmp_path / "preempted", *options, "--seed", "2", "--sigterm", "1,2,1", exit_code=3, reports=0)
+    assert counters(slot) == (2, 2, 10)
+
+    resumed = ddp(tmp_path / "resumed", *options, "--seed", "3")
+    for rank in resumed:
+        assert rank["error"] is None
+        assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
+        assert rank["seen"][0] == [2, 2] and rank["global_step"] == 12
+        assert rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(tmp_path):
+    """num_nodes=2 as Lightning runs it: one process per node, NODE_RANK and the master's address from
+    the environment, both nodes on loopback and on one backup_dir (a filesystem every node sees)."""
+    nodes = ("--num-nodes", "2")
+    reference = ddp(tmp_path / "reference", *nodes, "--exact")
+    assert reference[0]["weights"] == reference[1]["weights"] and reference[0]["global_step"] == 12
+    backup_dir = tmp_path / "b"
+    options = (*nodes, "--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
+    interrupted = ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    assert [rank["error"] for rank in interrupted] == ["interrupt", "interrupt"]
+    slot = Slot(backup_dir)
+    assert counters(slot) == (1, 2, 6)
+    manifest = slot.read_manifest()
+    assert sorted(p.name for p in backup_dir.iterdir() if p.is_dir()) == [manifest.payload]  # one commit
+
+    # SIGTERM to the process of node 1 only: both nodes back up step 10 and stop
+    preempted = ddp(
+        tmp_path / "preempted", *options, "--seed", "1", "--sigterm", "1,2,1", exit_code=EXIT_PREEMPTED
+    )
+    for rank in preempted:
+        assert (rank["restored_epoch"], rank["start_step"]) == (1, 6)
+        assert (rank["error"], rank["global_step"]) == ("preempted", 10)
+    assert counters(slot) == (2, 2, 10)
+
+    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    for rank in resumed:
+        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (2, 10)
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()
