@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import signal
 import threading
 import warnings
 from pathlib import Path
@@ -81,6 +82,19 @@ def clear_received_sigterm(trainer: Any) -> bool:
     received = bool(connector.received_sigterm)
     connector.received_sigterm = False
     return received
+
+
+def slurm_requeue_signal(trainer: Any) -> signal.Signals | None:
+    """The signal on which Lightning's SLURM auto-requeue would requeue this job; None where it is off.
+
+    Lightning's signal connector reads the same private ``_accelerator_connector.cluster_environment``
+    (the strategy's public ``cluster_environment`` is missing on single-device strategies).
+    """
+    environment = trainer._accelerator_connector.cluster_environment
+    if type(environment).__name__ != "SLURMEnvironment" or not getattr(environment, "auto_requeue", False):
+        return None
+    requeue = getattr(environment, "requeue_signal", None)
+    return signal.Signals(requeue) if requeue is not None else None
 
 
 def spare_from_child_process_observer() -> None:

@@ -15,16 +15,28 @@ the backup nor runs a collective from a signal handler. The lifecycle then has t
 at each step boundary and stop together after committing the backup. Under ``strategy="ddp"``,
 rank 0 first keeps Lightning's launcher from SIGKILLing it when the other ranks exit with 143
 (``_private.spare_from_child_process_observer``), so that it exits with 143 too.
+
+SLURM auto-requeue: where Lightning's ``SLURMEnvironment(auto_requeue=True)`` is in use and its
+requeue signal (SIGUSR1 by default) is listed, Lightning's own handler would save a checkpoint from
+inside the signal handler, then requeue the job and stop. Ours backs up at the next step boundary
+instead and then requeues the job as Lightning does (``scontrol requeue <job id>`` from global rank
+0, for the signal received by any rank), before training stops.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import signal
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
 from lightning_impl import _private
 from unified_backup.preemption import PreemptionWatch
+
+log = logging.getLogger(__name__)
 
 
 class LightningWatch(PreemptionWatch):
@@ -34,6 +46,8 @@ class LightningWatch(PreemptionWatch):
         super().__init__(signals)
         self._trainer = trainer
         self._before = {sig: signal.getsignal(sig) for sig in self.signals}  # to chain, as Lightning does
+        requeue = _private.slurm_requeue_signal(trainer)
+        self.requeue_signal = requeue if requeue in self.signals else None
 
     def take_over(self) -> None:
         """``on_train_start``: take the signals over from Lightning until ``fit`` ends.
@@ -50,3 +64,46 @@ class LightningWatch(PreemptionWatch):
 
     def before_stop(self) -> None:
         _private.spare_from_child_process_observer()  # before the other ranks can exit
+
+    def stopping(self, received: list[str | None], primary: bool) -> None:
+        if primary and self.requeue_signal is not None and self.requeue_signal.name in received:
+            requeue_slurm_job()
+
+
+def requeue_slurm_job() -> bool:
+    """Requeue this SLURM job as Lightning's auto-requeue does (``scontrol requeue``); False if it failed.
+
+    A failure is logged, never raised: the backup is committed whatever the scheduler does next.
+    """
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        job_id = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    else:
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_-]+", job_id):
+        log.warning("Cannot requeue the SLURM job: SLURM_JOB_ID is %r; expected a job id of digits.", job_id)
+        return False
+    command, reason = ["scontrol", "requeue", job_id], ""
+    try:
+        code = subprocess.call(command)
+    except FileNotFoundError:  # as Lightning: outside a shell's PATH, try again through the shell
+        try:
+            code = subprocess.call(" ".join(command), shell=True)
+        except OSError as exc:
+            code, reason = -1, str(exc)
+    except OSError as exc:
+        code, reason = -1, str(exc)
+    if code == 0:
+        log.warning(
+            "Requeued SLURM job %s (scontrol requeue %s), as Lightning's auto-requeue does.", job_id, job_id
+        )
+        return True
+    log.warning(
+        "Requeuing SLURM job %s failed (`%s` exited with %s%s); the backup is committed: requeue or "
+        "resubmit the job to resume from it.",
+        job_id,
+        " ".join(command),
+        code,
+        f": {reason}" if reason else "",
+    )
+    return False

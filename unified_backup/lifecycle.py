@@ -370,7 +370,10 @@ class Lifecycle:
         )
         if fit.coordinator.is_primary:
             log.warning(message)
-        self.finish(success=False)
+        try:
+            fit.watch.stopping(received, fit.coordinator.is_primary)
+        finally:
+            self.finish(success=False)
         raise self._preempted(message)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -107,6 +107,10 @@ class PreemptionWatch:
     def before_stop(self) -> None:
         """Called on every process once the processes agreed to stop, before the last collective."""
 
+    def stopping(self, received: list[str | None], primary: bool) -> None:
+        """Called on every process after the stop's backup, with the signal each process received
+        (by rank), before the ``fit`` ends: e.g. to have the scheduler requeue the job."""
+
 
 def cause(received: list[str | None]) -> str:
     """What every process received (``Coordinator.gather``), e.g. ``"SIGTERM (received by rank 1)"``."""

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -193,3 +194,75 @@ def test_outside_the_main_thread_it_raises_instead_of_being_silently_off(namespa
     assert isinstance(result[0].error, UnsupportedEnvironmentError), repr(result[0].error)
     assert result[0].trainer.global_step == 0 and lock_is_free(tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".unified-backup-created", LOCK_NAME]
+
+
+SLURM_ENV = {  # one task of batch job 4242, as srun sets them
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+}  # fmt: skip
+
+
+def stand_in_scontrol(folder: Any, exit_code: int = 0) -> Any:
+    """An ``scontrol`` executable that records its arguments in ``folder/scontrol.log``."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder / "scontrol.log"}"\nexit {exit_code}\n')
+    script.chmod(0o755)
+    return folder / "scontrol.log"
+
+
+@pytest.mark.parametrize("scontrol_exit", [0, 1], ids=["requeued", "requeue-failed"])
+def test_with_slurm_auto_requeue_the_signal_backs_up_the_step_then_requeues_as_lightning_does(
+    tmp_path, monkeypatch, caplog, scontrol_exit
+):
+    """Lightning alone would save from inside its SIGUSR1 handler (mid-step) and requeue; with SIGUSR1
+    listed, ours backs up at the next step boundary, then runs Lightning's requeue command."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    calls = stand_in_scontrol(tmp_path / "bin", scontrol_exit)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    backup_dir = tmp_path / "b"
+    backup = lightning_impl.BackupAndRestore(backup_dir, save_before_preemption=["SIGTERM", "SIGUSR1"])
+    send = sender("lightning.pytorch", (1, 3), signal.SIGUSR1)
+    with caplog.at_level(logging.INFO, logger="lightning_impl"):
+        result = fit(
+            new_model(),
+            None,
+            epochs=3,
+            callbacks=[send],
+            backup=backup,
+            plugins=[SLURMEnvironment(auto_requeue=True)],
+        )
+    assert isinstance(result.error, lightning_impl.Preempted), repr(result.error)
+    manifest = Slot(backup_dir).read_manifest()
+    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 4, 12)
+    assert calls.read_text() == "requeue 4242\n"  # once, after the backup was committed
+    assert not list(tmp_path.glob("**/hpc_ckpt_*.ckpt")) and not list(Path.cwd().glob("hpc_ckpt_*.ckpt"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_impl.preemption"]
+    if scontrol_exit == 0:
+        assert messages == [
+            "Requeued SLURM job 4242 (scontrol requeue 4242), as Lightning's auto-requeue does."
+        ]
+    else:
+        assert len(messages) == 1 and messages[0].startswith(
+            "Requeuing SLURM job 4242 failed (`scontrol requeue 4242`"
+        )
+
+
+def test_slurm_auto_requeue_with_its_signal_not_listed_is_left_to_lightning(tmp_path, monkeypatch):
+    """SIGTERM only: the SIGUSR1 of auto-requeue stays Lightning's; a SIGTERM stops without requeue."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    calls = stand_in_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    backup = lightning_impl.BackupAndRestore(tmp_path / "b", save_before_preemption=True)
+    result = fit(
+        new_model(), None, epochs=3, callbacks=[sender("lightning.pytorch", (1, 3))], backup=backup,
+        plugins=[SLURMEnvironment(auto_requeue=True)],
+    )  # fmt: skip
+    assert isinstance(result.error, lightning_impl.Preempted)
+    assert not calls.exists()

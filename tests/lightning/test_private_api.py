@@ -265,3 +265,19 @@ def test_the_ddp_launchers_child_process_observer_can_be_kept_from_killing_rank_
         for process in rank_0:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_the_slurm_requeue_signal_is_read_where_lightnings_signal_connector_reads_it(namespace, monkeypatch):
+    environments = importlib.import_module(f"{namespace}.plugins.environments")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    requeue = trainer_of(namespace, plugins=[environments.SLURMEnvironment(requeue_signal=signal.SIGUSR2)])
+    assert _private.slurm_requeue_signal(requeue) == signal.SIGUSR2, CHANGED + "cluster_environment"
+    off = trainer_of(namespace, plugins=[environments.SLURMEnvironment(auto_requeue=False)])
+    assert _private.slurm_requeue_signal(off) is None
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert _private.slurm_requeue_signal(trainer_of(namespace)) is None
+    connector = importlib.import_module(f"{namespace}.trainer.connectors.signal_connector")
+    source = inspect.getsource(connector._SignalConnector.register_signal_handlers)
+    assert "_accelerator_connector.cluster_environment" in source and "auto_requeue" in source, CHANGED
