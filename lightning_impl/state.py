@@ -60,6 +60,18 @@ def fingerprint(trainer: Any) -> dict[str, str]:
     return entries
 
 
+def topology(trainer: Any) -> dict[str, Any]:
+    """The shape of the job, as the manifest records it: strategy, processes (workers, one replica
+    each) and nodes. A restore on another shape warns (see the core's lifecycle)."""
+    world = int(trainer.world_size)
+    return {
+        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy"),  # e.g. DDP, SingleDevice
+        "workers": world,
+        "replicas": world,
+        "nodes": int(trainer.num_nodes),
+    }
+
+
 class LightningState:
     """The :class:`unified_backup.TrainingState` of one ``Trainer.fit``."""
 
@@ -75,6 +87,7 @@ class LightningState:
             )
         self.trainer = trainer
         self.framework_version = framework_version
+        self.topology = topology(trainer)
         self.exact = ExactResume()
         self._user_ckpt_path = trainer.ckpt_path  # the load replaces it; put back in train_start
         self._checked = False

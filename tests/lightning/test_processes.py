@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Worker
+from tests.lightning.helpers import fit, new_model
 from unified_backup import Slot
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED
@@ -379,3 +381,28 @@ def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(
         assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (2, 10)
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()
+
+
+def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(tmp_path, caplog):
+    """Replicated state (DDP) restores on another world size; what is split per rank is named as not exact."""
+    backup_dir = tmp_path / "b"
+    ddp(
+        tmp_path / "interrupted",
+        "--save-freq",
+        "3",
+        "--backup-dir",
+        str(backup_dir),
+        "--interrupt",
+        "1,3",
+        exit_code=3,
+    )
+    manifest = Slot(backup_dir).read_manifest()
+    assert dict(manifest.topology) == {"strategy": "DDP", "workers": 2, "replicas": 2, "nodes": 1}
+    with caplog.at_level(logging.WARNING, logger="unified_backup"):
+        result = fit(new_model(seed=5), backup_dir, epochs=3, save_freq=3)
+    assert result.error is None and result.backup.restored.global_step == 6
+    warnings = [r.getMessage() for r in caplog.records if "another shape" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert (
+        "(nodes=1, replicas=2, strategy=DDP, workers=2) than this one (nodes=1, replicas=1, " in warnings[0]
+    )
