@@ -2,7 +2,7 @@
 
 ``python -m tests.lightning.ddp_worker OUT_DIR [--strategy ddp|ddp_spawn|ddp_fork] [--backup-dir DIR]
 [--seed S] [--interrupt E,B] [--save-freq epoch|N] [--exact] [--sigterm R,E,B] [--batch-sleep S]
-[--num-nodes 1|2]``
+[--num-nodes 1|2] [--namespace lightning.pytorch|pytorch_lightning]``
 Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
 ``ddp`` runs this script once per rank (rank 0 is this process, and writes after ``fit``);
 ``ddp_spawn`` and ``ddp_fork`` run ``fit`` in child processes, which write at their ``fit``'s end:
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 
@@ -34,42 +33,39 @@ from tests.lightning.helpers import NAMESPACES, new_model, weights
 from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 
 
-class Report(L.Callback):
+class _Report:
     def __init__(
         self, backup: Any, seed_ranks: bool, out: Path | None = None, batch_sleep: float = 0.0
     ) -> None:
         self.backup = backup
         self.seed_ranks = seed_ranks
         self.out = out  # where each rank writes its report at its fit's end (None: main() does)
-        self.launcher = (
-            os.getpid()
-        )  # ddp_spawn/ddp_fork call on_exception here too, on a copy that never trained
+        # ddp_spawn/ddp_fork call on_exception in the launcher too, on a copy that never trained
+        self.launcher = os.getpid()
         self.batch_sleep = batch_sleep
         self.record: dict[str, Any] = {}
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.seed_ranks:  # every rank draws its own dropout masks
             torch.manual_seed(1000 + trainer.global_rank)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         restored = self.backup.restored if self.backup else None
         self.record.update(
             restored_epoch=restored.epoch if restored else None, start_step=trainer.global_step
         )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self.batch_sleep:
             time.sleep(self.batch_sleep)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if (
             self.out is not None and os.getpid() != self.launcher
         ):  # a child process of ddp_spawn / ddp_fork: nothing runs after its fit
             write_report(self.out, trainer, pl_module, self.record, error=None)
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.out is not None and os.getpid() != self.launcher:
             error = "preempted" if isinstance(exception, TrainingPreempted) else str(exception)
             if error == "preempted":
@@ -84,28 +80,40 @@ def write_report(out: Path, trainer: Any, model: Any, record: dict[str, Any], er
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-class Interrupt(L.Callback):
+class _Interrupt:
     """Raises ``RuntimeError("interrupt")`` just before batch ``at[1]`` of epoch ``at[0]``, on every rank."""
 
     def __init__(self, at: tuple[int, int]) -> None:
         self.at = at
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if (trainer.current_epoch, idx) == self.at:
             raise RuntimeError("interrupt")
 
 
-class SigTerm(L.Callback):
+class _SigTerm:
     """Rank ``rank`` sends itself SIGTERM after batch ``at[1]`` of epoch ``at[0]``."""
 
     def __init__(self, rank: int, at: tuple[int, int]) -> None:
         self.rank, self.at = rank, at
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if trainer.global_rank == self.rank and (trainer.current_epoch, args[-1]) == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _namespaced(mixin: type, namespace: str) -> type:
+    """``mixin`` as a Callback of ``namespace``, by a module-level name (ddp_spawn unpickles by name)."""
+    name = f"{mixin.__name__.lstrip('_')}_{namespace.replace('.', '_')}"
+    made = type(name, (mixin, NAMESPACES[namespace][0].Callback), {"__module__": __name__})
+    globals()[name] = made
+    return made
+
+
+CALLBACKS = {
+    ns: {m.__name__.lstrip("_"): _namespaced(m, ns) for m in (_Report, _Interrupt, _SigTerm)}
+    for ns in NAMESPACES
+}
 
 
 def main() -> int:
@@ -121,9 +129,11 @@ def main() -> int:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "ddp_fork"])
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     parser.add_argument("--num-nodes", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--namespace", default="lightning.pytorch", choices=sorted(NAMESPACES))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backup_class = NAMESPACES["lightning.pytorch"][1]
+    ns, backup_class = NAMESPACES[args.namespace]
+    made = CALLBACKS[args.namespace]
     preempt = bool(args.sigterm)
     backup = (
         backup_class(
@@ -136,15 +146,15 @@ def main() -> int:
         else None
     )
     in_children = args.strategy != "ddp"
-    report = Report(backup, args.exact, args.out if in_children else None, args.batch_sleep)
+    report = made["Report"](backup, args.exact, args.out if in_children else None, args.batch_sleep)
     callbacks: list[Any] = [backup, report] if backup else [report]
     if args.sigterm:
         rank, epoch, batch = map(int, args.sigterm.split(","))
-        callbacks.insert(0, SigTerm(rank, (epoch, batch)))
+        callbacks.insert(0, made["SigTerm"](rank, (epoch, batch)))
     if args.interrupt:
         epoch, batch = map(int, args.interrupt.split(","))
-        callbacks.insert(0, Interrupt((epoch, batch)))
-    trainer = L.Trainer(
+        callbacks.insert(0, made["Interrupt"]((epoch, batch)))
+    trainer = ns.Trainer(
         max_epochs=3,
         callbacks=callbacks,
         strategy=args.strategy,
@@ -156,7 +166,7 @@ def main() -> int:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = new_model(seed=args.seed, dropout=0.2 if args.exact else 0.0, shuffle=args.exact)
+    model = new_model(args.namespace, seed=args.seed, dropout=0.2 if args.exact else 0.0, shuffle=args.exact)
     error = None
     try:
         trainer.fit(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -11,11 +12,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.harness import Worker
-from tests.lightning.helpers import fit, new_model
+from tests.lightning.helpers import NAMESPACES, fit, new_model
 from unified_backup import Slot
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED
@@ -76,13 +78,15 @@ def test_missing_framework_names_the_extra_to_install(module, hidden):
     assert "pip install 'unified-backup[lightning]'" in result.stderr
 
 
-def ddp(out: Path, *args: str, exit_code: int = 0, reports: int = 2) -> list[dict]:
+def ddp(
+    out: Path, *args: str, exit_code: int = 0, reports: int = 2, namespace: str = "lightning.pytorch"
+) -> list[dict]:
     """One 2-process DDP fit (gloo on 127.0.0.1) in a private network namespace; each rank's report.
 
     ``exit_code``: what rank 0's process (Lightning's launcher) must exit with. ``reports``: how many
     rank reports must be there (under ddp_spawn/ddp_fork a failing rank may take the other down first).
     """
-    result = run(ddp_argv(out, *args), timeout=180)
+    result = run(ddp_argv(out, *args, namespace=namespace), timeout=180)
     found = [
         json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()
     ]
@@ -91,9 +95,10 @@ def ddp(out: Path, *args: str, exit_code: int = 0, reports: int = 2) -> list[dic
     return found
 
 
-def ddp_argv(out: Path, *args: str) -> list[str]:
+def ddp_argv(out: Path, *args: str, namespace: str = "lightning.pytorch") -> list[str]:
     """argv of one DDP job; with ``--num-nodes 2`` in ``args``, two "nodes" (one process each, NODE_RANK
     0 and 1) in one private network namespace, exiting with node 0's code once both ended."""
+    args = (*args, "--namespace", namespace)
     if "--num-nodes" in args:
         worker = [sys.executable, "-m", "tests.lightning.ddp_worker", str(out), *args]
         script = (
@@ -218,16 +223,22 @@ def test_preemption_signals_back_up_the_step_exit_143_and_the_resumes_end_bit_id
     assert not backup_dir.exists()
 
 
+@pytest.fixture(params=sorted(NAMESPACES))
+def job(request: pytest.FixtureRequest) -> Any:
+    """``ddp`` in one Lightning namespace: every multi-process scenario runs in both."""
+    return functools.partial(ddp, namespace=request.param)
+
+
 @pytest.mark.slow
-def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninterrupted_ddp(tmp_path):
+def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninterrupted_ddp(job, tmp_path):
     # dropout and DistributedSampler shuffling, each rank seeded apart: the resume must restore both ranks
-    reference = ddp(tmp_path / "reference", "--exact")
+    reference = job(tmp_path / "reference", "--exact")
     assert reference[0]["weights"] == reference[1]["weights"]
     assert reference[0]["global_step"] == 12  # 64 samples over 2 ranks, batch 8: 4 steps per epoch
 
     backup_dir = tmp_path / "b"
     options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
-    interrupted = ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    interrupted = job(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
     assert [r["error"] for r in interrupted] == ["interrupt", "interrupt"]
     manifest = Slot(backup_dir).read_manifest()
     assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 2, 6)
@@ -237,7 +248,7 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
 
     # SIGTERM reaches rank 1 only (Lightning alone: rank 1 stops after its batch, rank 0 fails in its next
     # collective): both ranks back up global step 10 (a step backup was at 9) and stop there
-    preempted = ddp(
+    preempted = job(
         tmp_path / "preempted", *options, "--seed", "1", "--sigterm", "1,2,1", exit_code=EXIT_PREEMPTED
     )
     for rank in preempted:
@@ -250,7 +261,7 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
         "Preempted by SIGTERM (received by rank 1): backed up global step 10 "
     )
 
-    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    resumed = job(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None
         assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
@@ -259,18 +270,18 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
     assert not backup_dir.exists()
 
 
-def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(tmp_path):
+def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(job, tmp_path):
     """Only rank 0 verifies, chooses and promotes; rank 1 restores what rank 0 broadcast."""
-    reference = ddp(tmp_path / "reference", "--exact")
+    reference = job(tmp_path / "reference", "--exact")
     backup_dir = tmp_path / "b"
     options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir), "--keep-previous")
-    ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    job(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
     slot = Slot(backup_dir)
     newest, previous = slot.read_manifest(), slot.read_previous()
     assert (newest.global_step, previous.global_step) == (6, 3)
     (slot.payload_dir(newest) / "state.ckpt").write_bytes(b"damaged")
 
-    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    resumed = job(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None
         assert (rank["restored_epoch"], rank["start_step"]) == (0, 3)
@@ -278,11 +289,11 @@ def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(tmp
     assert not backup_dir.exists()
 
 
-def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
-    reference = ddp(tmp_path / "reference", "--exact")
+def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exactly(job, tmp_path):
+    reference = job(tmp_path / "reference", "--exact")
     backup_dir = tmp_path / "b"
     options = ("--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
-    preempted = ddp(tmp_path / "preempted", *options, "--sigterm", "0,1,2", exit_code=EXIT_PREEMPTED)
+    preempted = job(tmp_path / "preempted", *options, "--sigterm", "0,1,2", exit_code=EXIT_PREEMPTED)
     for rank in preempted:  # step 7 is no step-backup point (3, 6, 9): the backup is the preemption's
         assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 7, [1, 2])
     message = preempted[0]["message"]
@@ -290,7 +301,7 @@ def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exa
     manifest = Slot(backup_dir).read_manifest()
     assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 3, 7)
 
-    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    resumed = job(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (1, 7)
         assert rank["weights"] == reference[0]["weights"]
@@ -306,43 +317,45 @@ def counters(slot: Slot) -> tuple[int, int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bit_identical(
-    tmp_path, strategy
+    job, tmp_path, strategy
 ):
     """ddp_spawn and ddp_fork run ``fit`` in child processes of the launcher (the callback is pickled
     or forked there): an exception on every rank, a SIGKILL of the whole job and SIGTERM to rank 1
     alone, each resumed by the next run, end on the uninterrupted run's weights."""
     launcher = ("--strategy", strategy)
-    reference = ddp(tmp_path / "reference", *launcher, "--exact")
+    reference = job(tmp_path / "reference", *launcher, "--exact")
     assert reference[0]["weights"] == reference[1]["weights"] and reference[0]["global_step"] == 12
     backup_dir = tmp_path / "b"
     options = (*launcher, "--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
     slot = Slot(backup_dir)
 
     # an exception on every rank before batch 3 of epoch 1 (step 7): the backup of step 6 stays
-    ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3, reports=0)
+    job(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3, reports=0)
     assert counters(slot) == (1, 2, 6)
 
     # SIGKILL of the whole job (launcher and ranks) once the backup of step 9 is committed
-    argv = ddp_argv(tmp_path / "killed", *options, "--seed", "1", "--batch-sleep", "0.3")
-    job = subprocess.Popen(
+    argv = ddp_argv(tmp_path / "killed", *options, "--seed", "1", "--batch-sleep", "0.3", **job.keywords)
+    running = subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 120
-        while counters(slot)[2] < 9 and job.poll() is None and time.monotonic() < deadline:
+        while counters(slot)[2] < 9 and running.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    assert job.returncode == -signal.SIGKILL, job.stderr.read().decode()[-3000:] if job.stderr else ""
+        os.killpg(running.pid, signal.SIGKILL)
+        running.wait()
+    assert running.returncode == -signal.SIGKILL, (
+        running.stderr.read().decode()[-3000:] if running.stderr else ""
+    )
     assert counters(slot) == (2, 1, 9)
     slot.verify(slot.read_manifest())
 
     # SIGTERM to rank 1 only, after batch 1 of epoch 2: every rank backs up step 10 and stops there
-    ddp(tmp_path / "preempted", *options, "--seed", "2", "--sigterm", "1,2,1", exit_code=3, reports=0)
+    job(tmp_path / "preempted", *options, "--seed", "2", "--sigterm", "1,2,1", exit_code=3, reports=0)
     assert counters(slot) == (2, 2, 10)
 
-    resumed = ddp(tmp_path / "resumed", *options, "--seed", "3")
+    resumed = job(tmp_path / "resumed", *options, "--seed", "3")
     for rank in resumed:
         assert rank["error"] is None
         assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
@@ -352,15 +365,15 @@ def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bi
 
 
 @pytest.mark.slow
-def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(tmp_path):
+def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(job, tmp_path):
     """num_nodes=2 as Lightning runs it: one process per node, NODE_RANK and the master's address from
     the environment, both nodes on loopback and on one backup_dir (a filesystem every node sees)."""
     nodes = ("--num-nodes", "2")
-    reference = ddp(tmp_path / "reference", *nodes, "--exact")
+    reference = job(tmp_path / "reference", *nodes, "--exact")
     assert reference[0]["weights"] == reference[1]["weights"] and reference[0]["global_step"] == 12
     backup_dir = tmp_path / "b"
     options = (*nodes, "--exact", "--save-freq", "3", "--backup-dir", str(backup_dir))
-    interrupted = ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    interrupted = job(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
     assert [rank["error"] for rank in interrupted] == ["interrupt", "interrupt"]
     slot = Slot(backup_dir)
     assert counters(slot) == (1, 2, 6)
@@ -368,7 +381,7 @@ def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(
     assert sorted(p.name for p in backup_dir.iterdir() if p.is_dir()) == [manifest.payload]  # one commit
 
     # SIGTERM to the process of node 1 only: both nodes back up step 10 and stop
-    preempted = ddp(
+    preempted = job(
         tmp_path / "preempted", *options, "--seed", "1", "--sigterm", "1,2,1", exit_code=EXIT_PREEMPTED
     )
     for rank in preempted:
@@ -376,17 +389,17 @@ def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(
         assert (rank["error"], rank["global_step"]) == ("preempted", 10)
     assert counters(slot) == (2, 2, 10)
 
-    resumed = ddp(tmp_path / "resumed", *options, "--seed", "2")
+    resumed = job(tmp_path / "resumed", *options, "--seed", "2")
     for rank in resumed:
         assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (2, 10)
         assert rank["weights"] == reference[0]["weights"]
     assert not backup_dir.exists()
 
 
-def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(tmp_path, caplog):
+def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(job, tmp_path, caplog):
     """Replicated state (DDP) restores on another world size; what is split per rank is named as not exact."""
     backup_dir = tmp_path / "b"
-    ddp(
+    job(
         tmp_path / "interrupted",
         "--save-freq",
         "3",
@@ -399,7 +412,8 @@ def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(
     manifest = Slot(backup_dir).read_manifest()
     assert dict(manifest.topology) == {"strategy": "DDP", "workers": 2, "replicas": 2, "nodes": 1}
     with caplog.at_level(logging.WARNING, logger="unified_backup"):
-        result = fit(new_model(seed=5), backup_dir, epochs=3, save_freq=3)
+        namespace = job.keywords["namespace"]
+        result = fit(new_model(namespace, seed=5), backup_dir, epochs=3, save_freq=3, namespace=namespace)
     assert result.error is None and result.backup.restored.global_step == 6
     warnings = [r.getMessage() for r in caplog.records if "another shape" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
