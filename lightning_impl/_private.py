@@ -90,8 +90,10 @@ def slurm_requeue_signal(trainer: Any) -> signal.Signals | None:
     Lightning's signal connector reads the same private ``_accelerator_connector.cluster_environment``
     (the strategy's public ``cluster_environment`` is missing on single-device strategies).
     """
-    environment = trainer._accelerator_connector.cluster_environment
-    if type(environment).__name__ != "SLURMEnvironment" or not getattr(environment, "auto_requeue", False):
+    connector = getattr(trainer, "_accelerator_connector", None)  # renamed: no requeue, never a crash
+    environment = getattr(connector, "cluster_environment", None)
+    is_slurm = any(cls.__name__ == "SLURMEnvironment" for cls in type(environment).__mro__)  # as isinstance
+    if not is_slurm or not getattr(environment, "auto_requeue", False):
         return None
     requeue = getattr(environment, "requeue_signal", None)
     return signal.Signals(requeue) if requeue is not None else None

@@ -20,7 +20,8 @@ SLURM auto-requeue: where Lightning's ``SLURMEnvironment(auto_requeue=True)`` is
 requeue signal (SIGUSR1 by default) is listed, Lightning's own handler would save a checkpoint from
 inside the signal handler, then requeue the job and stop. Ours backs up at the next step boundary
 instead and then requeues the job as Lightning does (``scontrol requeue <job id>`` from global rank
-0, for the signal received by any rank), before training stops.
+0, for the signal received by any rank), before any rank exits. The job is requeued even when that
+backup failed (``on_write_error="warn"``): it then resumes from the previous backup.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class LightningWatch(PreemptionWatch):
         self._before = {sig: signal.getsignal(sig) for sig in self.signals}  # to chain, as Lightning does
         requeue = _private.slurm_requeue_signal(trainer)
         self.requeue_signal = requeue if requeue in self.signals else None
+        self._requeue_received = False  # here, even if another signal came after it
 
     def take_over(self) -> None:
         """``on_train_start``: take the signals over from Lightning until ``fit`` ends.
@@ -65,23 +67,31 @@ class LightningWatch(PreemptionWatch):
     def before_stop(self) -> None:
         _private.spare_from_child_process_observer()  # before the other ranks can exit
 
-    def stopping(self, received: list[str | None], primary: bool) -> None:
-        if primary and self.requeue_signal is not None and self.requeue_signal.name in received:
-            requeue_slurm_job()
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_received |= self.requeue_signal is not None and signum == self.requeue_signal
+        super()._on_signal(signum, frame)
+
+    def stopping(self, received: list[str | None], primary: bool, committed: bool) -> None:
+        if not primary or self.requeue_signal is None:
+            return
+        if self._requeue_received or self.requeue_signal.name in received:
+            requeue_slurm_job(committed)
 
 
-def requeue_slurm_job() -> bool:
+def requeue_slurm_job(committed: bool = True) -> bool:
     """Requeue this SLURM job as Lightning's auto-requeue does (``scontrol requeue``); False if it failed.
 
-    A failure is logged, never raised: the backup is committed whatever the scheduler does next.
+    A failure is logged, never raised. ``committed``: whether the stop's backup was committed (for
+    the messages: the requeued job resumes from it, or from the previous one).
     """
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job is not None:
-        job_id = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    else:
-        job_id = os.environ.get("SLURM_JOB_ID", "")
-    if not re.fullmatch(r"[0-9_-]+", job_id):
-        log.warning("Cannot requeue the SLURM job: SLURM_JOB_ID is %r; expected a job id of digits.", job_id)
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{task}" if array_job is not None else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):
+        log.warning(
+            "Cannot requeue the SLURM job: its id is %r (from SLURM_JOB_ID, or SLURM_ARRAY_JOB_ID and "
+            "SLURM_ARRAY_TASK_ID); expected digits.",
+            job_id,
+        )
         return False
     command, reason = ["scontrol", "requeue", job_id], ""
     try:
@@ -99,11 +109,12 @@ def requeue_slurm_job() -> bool:
         )
         return True
     log.warning(
-        "Requeuing SLURM job %s failed (`%s` exited with %s%s); the backup is committed: requeue or "
-        "resubmit the job to resume from it.",
+        "Requeuing SLURM job %s failed (`%s` exited with %s%s); %s: requeue or resubmit the job to "
+        "resume from it.",
         job_id,
         " ".join(command),
         code,
         f": {reason}" if reason else "",
+        "the backup is committed" if committed else "the backup of this step failed, the previous one stays",
     )
     return False

@@ -7,6 +7,7 @@ preemption signals, the state's size, the second slot).
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,3 +47,15 @@ def worker_argv(
     if keep_previous:
         argv.append("--keep-previous")
     return argv
+
+
+NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "_"]  # a namespace with only loopback
+
+
+def can_isolate() -> bool:
+    """Whether this machine lets a test make a private network namespace (root, with unshare and ip)."""
+    try:
+        probe = subprocess.run([*NETNS, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0

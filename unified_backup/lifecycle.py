@@ -362,18 +362,18 @@ class Lifecycle:
         assert fit.watch is not None
         fit.watch.before_stop()
         received = fit.coordinator.gather(fit.watch.received.name if fit.watch.received else None)
+        committed = fit.committed_step == position.global_step
         message = preemption.stop_message(
-            preemption.cause(received),
-            position.counters,
-            self.options.backup_dir,
-            committed=fit.committed_step == position.global_step,
+            preemption.cause(received), position.counters, self.options.backup_dir, committed=committed
         )
         if fit.coordinator.is_primary:
             log.warning(message)
         try:
-            fit.watch.stopping(received, fit.coordinator.is_primary)
-        finally:
-            self.finish(success=False)
+            fit.watch.stopping(received, fit.coordinator.is_primary, committed)
+        except Exception:  # noqa: BLE001 - the backup is done; a scheduler hook must not hang the others
+            log.exception("After the preemption backup, telling the scheduler failed")
+        fit.coordinator.barrier("unified-backup-stopping")  # no process exits before e.g. a requeue ran
+        self.finish(success=False)
         raise self._preempted(message)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -107,9 +107,10 @@ class PreemptionWatch:
     def before_stop(self) -> None:
         """Called on every process once the processes agreed to stop, before the last collective."""
 
-    def stopping(self, received: list[str | None], primary: bool) -> None:
+    def stopping(self, received: list[str | None], primary: bool, committed: bool) -> None:
         """Called on every process after the stop's backup, with the signal each process received
-        (by rank), before the ``fit`` ends: e.g. to have the scheduler requeue the job."""
+        (by rank) and whether that backup was committed, before the ``fit`` ends: e.g. to have the
+        scheduler requeue the job. It must not raise; every process then waits for the others."""
 
 
 def cause(received: list[str | None]) -> str:

@@ -20,18 +20,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.harness import NETNS
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_PORT = 23500
-NETNS = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "_"]
-
-
-def can_isolate() -> bool:
-    """Whether this machine lets a test make a private network namespace (root, with unshare and ip)."""
-    try:
-        probe = subprocess.run([*NETNS, "true"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
 
 
 def tasks_of(cluster: dict[str, int]) -> list[tuple[str, int]]:

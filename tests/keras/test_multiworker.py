@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.keras.cluster import Cluster, can_isolate
+from tests.harness import can_isolate
+from tests.keras.cluster import Cluster
 from unified_backup import BackupDirInUseError, Slot
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED

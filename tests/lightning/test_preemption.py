@@ -266,3 +266,56 @@ def test_slurm_auto_requeue_with_its_signal_not_listed_is_left_to_lightning(tmp_
     )  # fmt: skip
     assert isinstance(result.error, lightning_impl.Preempted)
     assert not calls.exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SLURM_JOB_ID": "4242"}, "requeue 4242\n"),
+        ({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}, "requeue 77_3\n"),
+        ({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "77"}, None),  # no task id: refused, logged
+        ({"SLURM_JOB_ID": "42; rm -rf x"}, None),
+    ],
+    ids=["job", "array-task", "array-without-task", "not-an-id"],
+)
+def test_the_job_requeued_is_slurms_job_or_array_task_and_a_bad_id_is_only_logged(
+    tmp_path, monkeypatch, caplog, env, expected
+):
+    from lightning_impl.preemption import requeue_slurm_job
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = stand_in_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with caplog.at_level(logging.WARNING, logger="lightning_impl"):
+        assert requeue_slurm_job(committed=False) is (expected is not None)
+    if expected is None:
+        assert not calls.exists() and "Cannot requeue the SLURM job: its id is" in caplog.text
+    else:
+        assert calls.read_text() == expected
+
+
+def test_the_requeue_signal_followed_by_sigterm_before_the_boundary_still_requeues(tmp_path, monkeypatch):
+    """SLURM may send SIGTERM soon after its requeue signal: the requeue is not forgotten."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    calls = stand_in_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    class Both(L.Callback):
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
+        ) -> None:
+            if (trainer.current_epoch, idx) == (0, 2):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    backup = lightning_impl.BackupAndRestore(tmp_path / "b", save_before_preemption=["SIGTERM", "SIGUSR1"])
+    result = fit(new_model(), None, epochs=2, callbacks=[Both()], backup=backup, plugins=[SLURMEnvironment()])
+    assert isinstance(result.error, lightning_impl.Preempted)
+    assert "Preempted by SIGTERM" in str(result.error)  # the last signal names the stop
+    assert calls.read_text() == "requeue 4242\n"

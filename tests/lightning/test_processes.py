@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Worker
+from tests.harness import Worker, can_isolate
 from tests.lightning.helpers import NAMESPACES, fit, new_model
 from unified_backup import Slot
 from unified_backup.lock import LOCK_NAME
@@ -223,13 +224,24 @@ def test_preemption_signals_back_up_the_step_exit_143_and_the_resumes_end_bit_id
     assert not backup_dir.exists()
 
 
+def multiprocess(test: Any) -> Any:
+    """Marks of a test that runs a cluster of processes (see README, "Tests")."""
+    for mark in (
+        pytest.mark.slow,
+        pytest.mark.multiprocess,
+        pytest.mark.skipif(not can_isolate(), reason="needs a private network namespace: unshare -n (root)"),
+    ):
+        test = mark(test)
+    return test
+
+
 @pytest.fixture(params=sorted(NAMESPACES))
 def job(request: pytest.FixtureRequest) -> Any:
     """``ddp`` in one Lightning namespace: every multi-process scenario runs in both."""
     return functools.partial(ddp, namespace=request.param)
 
 
-@pytest.mark.slow
+@multiprocess
 def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninterrupted_ddp(job, tmp_path):
     # dropout and DistributedSampler shuffling, each rank seeded apart: the resume must restore both ranks
     reference = job(tmp_path / "reference", "--exact")
@@ -270,6 +282,7 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
     assert not backup_dir.exists()
 
 
+@multiprocess
 def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(job, tmp_path):
     """Only rank 0 verifies, chooses and promotes; rank 1 restores what rank 0 broadcast."""
     reference = job(tmp_path / "reference", "--exact")
@@ -289,6 +302,7 @@ def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(job
     assert not backup_dir.exists()
 
 
+@multiprocess
 def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exactly(job, tmp_path):
     reference = job(tmp_path / "reference", "--exact")
     backup_dir = tmp_path / "b"
@@ -314,7 +328,7 @@ def counters(slot: Slot) -> tuple[int, int, int]:
     return manifest.epoch, manifest.step_in_epoch, manifest.global_step
 
 
-@pytest.mark.slow
+@multiprocess
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bit_identical(
     job, tmp_path, strategy
@@ -335,19 +349,18 @@ def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bi
 
     # SIGKILL of the whole job (launcher and ranks) once the backup of step 9 is committed
     argv = ddp_argv(tmp_path / "killed", *options, "--seed", "1", "--batch-sleep", "0.3", **job.keywords)
-    running = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    log = (tmp_path / "killed.log").open("w")
+    running = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while counters(slot)[2] < 9 and running.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        os.killpg(running.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.pid, signal.SIGKILL)
         running.wait()
-    assert running.returncode == -signal.SIGKILL, (
-        running.stderr.read().decode()[-3000:] if running.stderr else ""
-    )
+        log.close()
+    assert running.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert counters(slot) == (2, 1, 9)
     slot.verify(slot.read_manifest())
 
@@ -364,7 +377,7 @@ def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bi
     assert not backup_dir.exists()
 
 
-@pytest.mark.slow
+@multiprocess
 def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(job, tmp_path):
     """num_nodes=2 as Lightning runs it: one process per node, NODE_RANK and the master's address from
     the environment, both nodes on loopback and on one backup_dir (a filesystem every node sees)."""
@@ -396,6 +409,7 @@ def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(
     assert not backup_dir.exists()
 
 
+@multiprocess
 def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(job, tmp_path, caplog):
     """Replicated state (DDP) restores on another world size; what is split per rank is named as not exact."""
     backup_dir = tmp_path / "b"
