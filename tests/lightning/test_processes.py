@@ -125,6 +125,23 @@ def ddp_argv(out: Path, *args: str, namespace: str = "lightning.pytorch") -> lis
     ]
 
 
+def counters(slot: Slot) -> tuple[int, int, int]:
+    manifest = slot.read_manifest()
+    assert manifest is not None
+    return manifest.epoch, manifest.step_in_epoch, manifest.global_step
+
+
+def assert_resumed_to_the_end(
+    resumed: list[dict], reference: list[dict], backup_dir: Path, restored: tuple[int, int]
+) -> None:
+    """Every rank restored the backup of ``restored`` (epochs done, global step), trained to the end
+    of the 3 epochs with no error and holds the uninterrupted run's weights; the backup is deleted."""
+    for rank in resumed:
+        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == restored
+        assert rank["global_step"] == 12 and rank["weights"] == reference[0]["weights"]
+    assert not backup_dir.exists()
+
+
 def demo(backup_dir: Path, out: Path, batch_sleep: float, save_freq: str = "5", *more: str) -> list[str]:
     """The demo worker's argv: 3 epochs, reshuffled data and dropout (an exact resume must restore both)."""
     options = ["--epochs", "3", "--batch-sleep", str(batch_sleep), "--save-freq", save_freq, *more]
@@ -267,19 +284,14 @@ def test_ddp_interrupted_then_preempted_on_one_rank_then_resumed_matches_uninter
         assert (rank["restored_epoch"], rank["start_step"]) == (1, 6)  # every rank restored the same backup
         assert rank["seen"][0] == [1, 2]
         assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 10, [2, 1])
-    manifest = Slot(backup_dir).read_manifest()
-    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (2, 2, 10)
+    assert counters(Slot(backup_dir)) == (2, 2, 10)
     assert preempted[0]["message"].startswith(
         "Preempted by SIGTERM (received by rank 1): backed up global step 10 "
     )
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "2")
-    for rank in resumed:
-        assert rank["error"] is None
-        assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
-        assert rank["seen"][0] == [2, 2] and rank["global_step"] == 12
-        assert rank["weights"] == reference[0]["weights"]
-    assert not backup_dir.exists()
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(2, 10))
+    assert all(rank["seen"][0] == [2, 2] for rank in resumed)
 
 
 @multiprocess
@@ -295,11 +307,7 @@ def test_ddp_with_keep_previous_every_rank_falls_back_to_the_previous_backup(job
     (slot.payload_dir(newest) / "state.ckpt").write_bytes(b"damaged")
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "2")
-    for rank in resumed:
-        assert rank["error"] is None
-        assert (rank["restored_epoch"], rank["start_step"]) == (0, 3)
-        assert rank["weights"] == reference[0]["weights"]
-    assert not backup_dir.exists()
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(0, 3))
 
 
 @multiprocess
@@ -312,20 +320,10 @@ def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exa
         assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 7, [1, 2])
     message = preempted[0]["message"]
     assert message.startswith("Preempted by SIGTERM (received by rank 0): backed up global step 7 ")
-    manifest = Slot(backup_dir).read_manifest()
-    assert (manifest.epoch, manifest.step_in_epoch, manifest.global_step) == (1, 3, 7)
+    assert counters(Slot(backup_dir)) == (1, 3, 7)
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "2")
-    for rank in resumed:
-        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (1, 7)
-        assert rank["weights"] == reference[0]["weights"]
-    assert not backup_dir.exists()
-
-
-def counters(slot: Slot) -> tuple[int, int, int]:
-    manifest = slot.read_manifest()
-    assert manifest is not None
-    return manifest.epoch, manifest.step_in_epoch, manifest.global_step
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(1, 7))
 
 
 @multiprocess
@@ -369,12 +367,8 @@ def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bi
     assert counters(slot) == (2, 2, 10)
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "3")
-    for rank in resumed:
-        assert rank["error"] is None
-        assert (rank["restored_epoch"], rank["start_step"]) == (2, 10)
-        assert rank["seen"][0] == [2, 2] and rank["global_step"] == 12
-        assert rank["weights"] == reference[0]["weights"]
-    assert not backup_dir.exists()
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(2, 10))
+    assert all(rank["seen"][0] == [2, 2] for rank in resumed)
 
 
 @multiprocess
@@ -403,10 +397,7 @@ def test_two_nodes_commit_once_restore_the_same_backup_and_resume_bit_identical(
     assert counters(slot) == (2, 2, 10)
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "2")
-    for rank in resumed:
-        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (2, 10)
-        assert rank["weights"] == reference[0]["weights"]
-    assert not backup_dir.exists()
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(2, 10))
 
 
 @multiprocess
