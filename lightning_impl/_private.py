@@ -299,3 +299,41 @@ def fold_epoch_aggregates(trainer: Any, saved: dict[str, dict[str, torch.Tensor]
         metric._computed = None  # torchmetrics caches compute()
         folded.append(key)
     return folded
+
+
+# -- sharded state (ModelParallelStrategy) ------------------------------------------------------
+def is_model_parallel(strategy: Any) -> bool:
+    """Whether ``strategy`` is (a subclass of) either namespace's ``ModelParallelStrategy`` (FSDP2)."""
+    return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
+
+
+def pickled_part(path: Path) -> Path:
+    """The ``torch.save`` file of a checkpoint at ``path``: the file itself, or, in a sharded
+    checkpoint folder, the metadata file ``meta.pt`` that the strategy writes beside the shards
+    (``lightning.fabric.utilities.load._METADATA_FILENAME``)."""
+    return path / "meta.pt" if path.is_dir() else path
+
+
+def skip_restore_after_setup(trainer: Any) -> None:
+    """Make the restore that ``Trainer._run`` starts after ``on_fit_start`` a no-op, once.
+
+    For strategies with ``restore_checkpoint_after_setup`` (sharded), Lightning loads its
+    ``ckpt_path`` there: after a backup was loaded in ``on_fit_start`` it would load the user's
+    ``fit(ckpt_path=...)`` over it, or restore the model and callbacks a second time. The backup's
+    checkpoint stays loaded for Lightning's ``restore_training_state`` right after. An instance
+    attribute that shadows the connector's method and removes itself when called; ``end_fit``
+    removes it if the fit ended before.
+    """
+    connector = trainer._checkpoint_connector
+
+    def skip(*args: Any, **kwargs: Any) -> None:
+        connector.__dict__.pop("_restore_modules_and_callbacks", None)
+
+    connector._restore_modules_and_callbacks = skip
+
+
+def end_fit(trainer: Any) -> None:
+    """Remove what :func:`skip_restore_after_setup` left on the trainer, if its restore never came."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is not None:
+        connector.__dict__.pop("_restore_modules_and_callbacks", None)

@@ -159,6 +159,7 @@ class BackupAndRestoreMixin(BackupCallback):
         finally:
             if self._state is not None:
                 self._state.exact.close()
+                _private.end_fit(self._state.trainer)
             self._state = self._watch = self._after_validation = None
             self._epoch_closing = False
 

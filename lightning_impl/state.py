@@ -1,14 +1,22 @@
 """The Lightning training state: what a backup holds, how it is written, checked and loaded.
 
-A backup is one Lightning checkpoint, ``state.ckpt``: the dictionary Lightning itself builds for
+A backup is one Lightning checkpoint: the dictionary Lightning itself builds for
 ``Trainer.save_checkpoint`` (model, optimizers, LR schedulers, loops, callbacks, datamodule),
 with our entry added under ``"unified_backup"`` (random-number states, data position and epoch
-aggregates from :mod:`lightning_impl.exact`, and whether training was stopping). Rank 0 writes it
-with ``torch.save`` straight into the staging folder the core hands over (no whole-state buffer,
-no temporary file elsewhere; the core's manifest makes it visible atomically). It is read back
-through the trainer's ``CheckpointIO`` with ``weights_only=True``, so loading never runs code
-stored in the file; a plugin must read files written by ``torch.save`` (Lightning's default and
-``AsyncCheckpointIO`` do).
+aggregates from :mod:`lightning_impl.exact`, and whether training was stopping). Two layouts:
+
+- replicated state (one process, DDP and its launchers): ``state.ckpt``, which rank 0 writes with
+  ``torch.save`` straight into the staging folder the core hands over (no whole-state buffer, no
+  temporary file elsewhere; the core's manifest makes it visible atomically). It is read back
+  through the trainer's ``CheckpointIO``; a plugin must read files written by ``torch.save``
+  (Lightning's default and ``AsyncCheckpointIO`` do).
+- sharded state (``ModelParallelStrategy``, FSDP2): ``state/``, a ``torch.distributed.checkpoint``
+  folder written by the strategy itself: one file of shards per rank, the checkpoint's
+  ``.metadata``, and ``meta.pt`` (everything but model and optimizers) from rank 0. Every rank
+  writes into the one staging folder; the core commits once all are in. The strategy loads it on
+  any world size (resharding), so a job of another size resumes, with the core's warning.
+
+Loading always passes ``weights_only=True``, so it never runs code stored in the files.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lightning_impl import _private
 from lightning_impl.exact import ExactResume
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import (
     BackupError,
+    IncompatibleBackupError,
     UnsafeBackupError,
     UnsupportedEnvironmentError,
 )
@@ -35,7 +45,8 @@ from unified_backup.manifest import Manifest
 from unified_backup.state import Position
 
 FRAMEWORK = "lightning"
-FILENAME = "state.ckpt"
+FILENAME = "state.ckpt"  # replicated state
+SHARDED = "state"  # sharded state: a torch.distributed.checkpoint folder
 KEY = "unified_backup"  # our entry in the checkpoint
 log = logging.getLogger(__name__)
 
@@ -60,16 +71,34 @@ def fingerprint(trainer: Any) -> dict[str, str]:
     return entries
 
 
-def topology(trainer: Any) -> dict[str, Any]:
-    """The shape of the job, as the manifest records it: strategy, processes (workers, one replica
-    each) and nodes. A restore on another shape warns (see the core's lifecycle)."""
+def topology(trainer: Any, sharded: bool) -> dict[str, Any]:
+    """The shape of the job, as the manifest records it: strategy, processes (workers), data-parallel
+    replicas, nodes and the state's layout. A restore on another shape warns (see the core's lifecycle)."""
     world = int(trainer.world_size)
+    replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
     return {
-        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy"),  # e.g. DDP, SingleDevice
+        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy"),  # e.g. DDP, ModelParallel
         "workers": world,
-        "replicas": world,
+        "replicas": int(replicas.get("num_replicas", world)),
         "nodes": int(trainer.num_nodes),
+        "layout": "sharded" if sharded else "replicated",
     }
+
+
+def check_strategy(strategy: Any) -> bool:
+    """Whether ``strategy`` writes sharded state; raise for a strategy that is not supported."""
+    if not strategy.restore_checkpoint_after_setup:
+        return False  # replicated: one process, DDP and its launchers
+    if _private.is_model_parallel(strategy):
+        return True
+    name = type(strategy).__name__
+    raise UnsupportedEnvironmentError(
+        f"BackupAndRestore does not support the {name} strategy: it restores checkpoints after setup and "
+        "its sharded checkpoints are not tested with BackupAndRestore (FSDPStrategy and DeepSpeed need a "
+        "GPU, none of which the project's tests have). Expected a single-device or DDP strategy, or "
+        "ModelParallelStrategy (FSDP2, fully_shard in configure_model). Use one of those, or remove "
+        "BackupAndRestore and use Lightning's ModelCheckpoint."
+    )
 
 
 class LightningState:
@@ -78,16 +107,10 @@ class LightningState:
     framework = FRAMEWORK
 
     def __init__(self, trainer: Any, framework_version: str) -> None:
-        if trainer.strategy.restore_checkpoint_after_setup:
-            raise UnsupportedEnvironmentError(
-                f"BackupAndRestore does not support the {type(trainer.strategy).__name__} strategy yet: it "
-                "restores checkpoints after setup and writes them sharded (FSDP, DeepSpeed, ModelParallel). "
-                "Expected a strategy that writes one checkpoint file from rank 0 (single device, DDP). Use "
-                "such a strategy, or remove BackupAndRestore and use Lightning's ModelCheckpoint."
-            )
+        self.sharded = check_strategy(trainer.strategy)
         self.trainer = trainer
         self.framework_version = framework_version
-        self.topology = topology(trainer)
+        self.topology = topology(trainer, self.sharded)
         self.exact = ExactResume()
         self._user_ckpt_path = trainer.ckpt_path  # the load replaces it; put back in train_start
         self._checked = False
@@ -103,8 +126,9 @@ class LightningState:
         """Write the checkpoint of ``position``; the first of a ``fit`` is also checked to be safely loadable.
 
         NOTE: every rank builds the checkpoint (callbacks' states, a gather of every rank's RNG
-        states); only the primary writes the file, and it tells the others how that went, so that
-        every rank raises the same error or none does.
+        states). Replicated state: only the primary writes the file. Sharded state: every rank writes
+        its shards (the strategy's collectives make a failure on one rank fail them all). The primary
+        then tells the others how its part went, so that every rank raises the same error or none does.
         """
         trainer = self.trainer
         checkpoint = _private.dump_checkpoint(trainer)
@@ -112,23 +136,32 @@ class LightningState:
             _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
         exact = self.exact.entry(trainer, coordinator.gather, position.batches)
         checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
-        outcome: dict[str, Any] = {"path": str(directory / FILENAME)}
-        if coordinator.is_primary:
+        target = directory / (SHARDED if self.sharded else FILENAME)
+        outcome: dict[str, Any] = {"path": str(target)}
+        failure: BaseException | None = None
+        if self.sharded or coordinator.is_primary:
             try:
-                _write(checkpoint, directory / FILENAME)
-                outcome["unsafe"] = None if self._checked else _refused_by_safe_load(directory / FILENAME)
+                if self.sharded:
+                    _write_shards(trainer, checkpoint, target)
+                else:
+                    _write(checkpoint, target)
+                if coordinator.is_primary and not self._checked:
+                    outcome["unsafe"] = _refused_by_safe_load(_private.pickled_part(target))
             except Exception as exc:  # the other ranks wait for the outcome: they must hear of it
+                failure = exc
                 strerror = exc.strerror if isinstance(exc, OSError) else None
                 outcome["errno"] = getattr(exc, "errno", None)
                 outcome["error"] = strerror or f"{type(exc).__name__}: {exc}"
         self._checked = True
         outcome = coordinator.broadcast(outcome)
+        if failure is not None and not coordinator.is_primary:
+            raise failure  # this rank's own shards (the core reports the first rank that failed)
         path = outcome["path"]  # the primary's file
-        if "error" in outcome:
+        if outcome.get("error"):
             if outcome["errno"] is not None:
                 raise OSError(outcome["errno"], f"{outcome['error']}: {path}")
             raise BackupError(f"Writing {path} failed ({outcome['error']}).")
-        if outcome["unsafe"]:
+        if outcome.get("unsafe"):
             raise UnsafeBackupError(
                 f"The backup just written to {path} could never be restored: torch.load(weights_only=True) "
                 f"refuses an object in it ({outcome['unsafe']}), and unified-backup does not unpickle "
@@ -138,10 +171,17 @@ class LightningState:
             )
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
-        """Restore model, datamodule and callbacks now; Lightning restores the rest after ``on_fit_start``."""
-        path = directory / FILENAME
+        """Restore model, datamodule and callbacks now; Lightning restores the rest after ``on_fit_start``.
+
+        Sharded state (a strategy that restores after setup, and whose model and optimizers exist by
+        now): the strategy loads model and optimizer shards here too, resharded to this job's size.
+        """
+        path = directory / (SHARDED if self.sharded else FILENAME)
+        _check_layout(directory, manifest, self.sharded, self.topology["strategy"])
         try:
             _private.restore_modules_and_callbacks(self.trainer, path)
+            if self.sharded:  # else Lightning would restore again after on_fit_start, or load fit(ckpt_path=)
+                _private.skip_restore_after_setup(self.trainer)
         except pickle.UnpicklingError as exc:
             raise UnsafeBackupError(
                 f"{path} needs to unpickle objects that are not plain tensors or containers "
@@ -182,6 +222,34 @@ def _write(checkpoint: dict[str, Any], path: Path) -> None:
             if sink.error is not None:
                 raise sink.error from exc
             raise
+
+
+def _write_shards(trainer: Any, checkpoint: dict[str, Any], path: Path) -> None:
+    """(every rank) The strategy's own sharded save into ``path``; a failed write on any rank raises
+    on every rank, as the ``OSError`` behind it when there is one (so ``on_write_error`` applies)."""
+    try:
+        trainer.strategy.save_checkpoint(checkpoint, path)
+    except CheckpointException as exc:  # a BaseException: it would pass every ``except Exception``
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in exc.failures.values()]
+        oserror = next((cause for cause in causes if isinstance(cause, OSError)), None)
+        if oserror is not None:
+            raise OSError(oserror.errno, oserror.strerror or str(oserror)) from exc
+        raise BackupError(f"Writing the shards into {path} failed: {exc}") from exc
+
+
+def _check_layout(directory: Path, manifest: Manifest, sharded: bool, strategy: str) -> None:
+    """Refuse a backup whose layout (sharded or replicated state) this job's strategy cannot load."""
+    expected = "sharded" if sharded else "replicated"
+    found = "sharded" if (directory / SHARDED).is_dir() else "replicated"
+    if found == expected:
+        return
+    made = dict(manifest.topology).get("strategy", "another")
+    raise IncompatibleBackupError(
+        f"The backup in {directory.parent} holds {found} state (written by a {made} strategy); this job's "
+        f"{strategy} strategy loads {expected} state, so nothing was loaded. Expected a backup of the same "
+        f"kind of strategy: resume with the {made} strategy, or delete the backup (`unified-backup delete "
+        "BACKUP_DIR`) to start fresh."
+    )
 
 
 class _Sink(io.RawIOBase):

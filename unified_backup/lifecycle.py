@@ -23,7 +23,8 @@ Every process makes every call; only the primary touches the commit record::
     boundary:  1. (all) any(preemption signal), when a watch is attached
                2. backup when due or preempted:
                   a. (primary) stage  b. broadcast the staging folder
-                  c. (all) make the folder (others: scratch), gather failures: all save, or none
+                  c. (all) make the folder (others: scratch; sharded state: the primary's), gather
+                  failures: all save, or none
                   d. (all) state.save  e. gather failures: all commit, or none
                   f. (primary) commit: manifest written last, renamed  g. broadcast the outcome
                3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
@@ -313,9 +314,8 @@ class Lifecycle:
     def _write(self, fit: _Fit, position: Position) -> Manifest | None:
         coordinator = fit.coordinator
         staged = Path(self._on_primary("Creating a staging folder", self._stage))
-        target = (
-            staged if coordinator.is_primary else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
-        )
+        shared = coordinator.is_primary or _sharded(fit.state)  # shards: every process writes its own files
+        target = staged if shared else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
         failure = _attempt(lambda: target.mkdir(parents=True, exist_ok=True))
         report = self._agree(fit, failure)  # every process has its folder, or none saves
         if report is None:  # save makes its collectives before any write that can fail (see TrainingState)
@@ -323,7 +323,7 @@ class Lifecycle:
             report = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
         if coordinator.is_primary and report is not None:
             self.slot.discard(staged)
-        elif not coordinator.is_primary:  # scratch: never committed
+        elif not shared:  # scratch: never committed
             shutil.rmtree(target, ignore_errors=True)
         if report is None:
             return Manifest.from_json(
@@ -482,21 +482,33 @@ def _topology(state: TrainingState) -> dict[str, Any]:
     return dict(getattr(state, "topology", None) or {})
 
 
+def _sharded(state: TrainingState) -> bool:
+    """Whether every process writes its own part of the state into the one staging folder."""
+    return bool(getattr(state, "sharded", False))
+
+
 def _check_topology(manifest: Manifest, live: dict[str, Any], backup_dir: str) -> None:
     """Warn when the backup was made by a job of another shape (other workers or replicas): replicated
-    state restores as it is, but what each worker and replica reads, and their random streams, are
-    split another way. The strategy's name alone (e.g. none vs OneDevice) changes nothing."""
+    state restores as it is, sharded state (``layout: sharded``) is resharded by the state's ``load``,
+    but what each worker and replica reads, and their random streams, are split another way. The
+    strategy's name alone (e.g. none vs OneDevice) changes nothing."""
     made = dict(manifest.topology)
     if not made or not live or all(made.get(key) == live.get(key) for key in _SHAPE):
         return
+    restored = (
+        "sharded across this job's processes as the state loads"
+        if made.get("layout") == "sharded"
+        else "the same on every replica and are restored as they are"
+    )
     log.warning(
         "The backup in %s was made by a job of another shape (%s) than this one (%s). The weights, "
-        "optimizer state and counters are the same on every replica and are restored as they are; not "
-        "exact: how the input is split across workers and replicas, and per-worker random streams, so "
-        "the resumed run may differ from an uninterrupted run of either shape.",
+        "optimizer state and counters are %s; not exact: how the input is split across workers and "
+        "replicas, and per-worker random streams, so the resumed run may differ from an uninterrupted "
+        "run of either shape.",
         backup_dir,
         _shape(made),
         _shape(live),
+        restored,
     )
 
 

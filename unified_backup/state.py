@@ -53,7 +53,13 @@ class TrainingState(Protocol):
     A state may also have ``topology``, a JSON-able mapping of the job's shape (strategy, workers,
     replicas) that the manifest records; a backup restored by a job of another shape is loaded with
     a warning (state replicated on every process). A state whose files depend on the shape (shards)
-    must refuse another shape in ``load``.
+    must reshard them in ``load``, or refuse another shape there.
+
+    A state may also be ``sharded`` (True, and ``"layout": "sharded"`` in its topology): each process
+    holds part of the state and writes its own
+    files. Every process is then handed the primary's staging folder (it must be on a filesystem that
+    every process sees), writes names no other process writes, and the commit lists every process's
+    files with their checksums; a restore verifies them all before any process loads.
     """
 
     framework: str

@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import signal
+import threading
 
 import pytest
 
@@ -400,3 +401,97 @@ def test_another_process_rebuilds_a_no_backup_error_with_its_message_only():
 
     error = _raised(_report(NoBackupError("resume='required', but backup/ holds no backup"), 0), None, 1)
     assert isinstance(error, NoBackupError) and str(error) == "resume='required', but backup/ holds no backup"
+
+
+class Threads:
+    """Coordinators for ``size`` threads that stand for the processes of one training: real
+    collectives, through a shared board and a barrier."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._barrier = threading.Barrier(size)
+        self._board: list = [None] * size
+
+    def member(self, rank: int) -> "ThreadMember":
+        return ThreadMember(self, rank)
+
+    def exchange(self, rank: int, value):
+        self._board[rank] = value
+        self._barrier.wait(timeout=30)
+        values = list(self._board)
+        self._barrier.wait(timeout=30)  # nobody writes the next value before all have read this one
+        return values
+
+
+class ThreadMember:
+    def __init__(self, group: Threads, rank: int) -> None:
+        self.group, self.rank, self.is_primary = group, rank, rank == 0
+
+    def barrier(self, name):
+        self.group.exchange(self.rank, name)
+
+    def broadcast(self, value):
+        return self.group.exchange(self.rank, value)[0]
+
+    def any(self, flag):
+        return any(self.group.exchange(self.rank, flag))
+
+    def gather(self, value):
+        return self.group.exchange(self.rank, value)
+
+
+class ShardedState(FakeState):
+    """Each process holds its own part of the weights and writes it as ``shard-<rank>.bin``."""
+
+    sharded = True
+
+    def save(self, directory, position, coordinator):
+        (directory / f"shard-{coordinator.rank}.bin").write_bytes(self.weights)
+
+    def load(self, directory, manifest, coordinator):
+        self.weights = (directory / f"shard-{coordinator.rank}.bin").read_bytes()
+        self.loads += 1
+
+
+def on_threads(size: int, run) -> list:
+    """``run(rank, coordinator)`` on ``size`` threads at once; what each returned or raised."""
+    group, results = Threads(size), [None] * size
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = run(rank, group.member(rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            results[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_a_sharded_state_is_written_by_every_process_into_one_commit_and_verified_before_any_loads(
+    backup_dir,
+):
+    def train(rank, coordinator):
+        lifecycle, state = Lifecycle(BackupOptions(backup_dir)), ShardedState()
+        lifecycle.start(state, coordinator)
+        manifest = epoch_end(lifecycle, state, f"part {rank}".encode(), Counters(1, 0, 8))
+        lifecycle.finish(success=False)
+        return manifest
+
+    manifests = on_threads(2, train)
+    assert manifests[0] == manifests[1] and sorted(manifests[0].files) == ["shard-0.bin", "shard-1.bin"]
+    assert [p.name for p in backup_dir.iterdir() if p.is_dir()] == [manifests[0].payload]  # no scratch
+
+    def resume(rank, coordinator):
+        state = ShardedState()
+        Lifecycle(BackupOptions(backup_dir)).start(state, coordinator)
+        return state
+
+    assert [state.weights for state in on_threads(2, resume)] == [b"part 0", b"part 1"]
+    shard = Slot(backup_dir).payload_dir(manifests[0]) / "shard-1.bin"
+    shard.write_bytes(b"part 9")  # same size, other bytes
+    refused = on_threads(2, resume)
+    assert all(isinstance(error, CorruptBackupError) and "shard-1.bin" in str(error) for error in refused)

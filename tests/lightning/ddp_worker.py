@@ -1,13 +1,16 @@
-"""A 2-process DDP training on CPU (gloo), launched by Lightning itself.
+"""A 2-process DDP (or FSDP2) training on CPU (gloo), launched by Lightning itself.
 
-``python -m tests.lightning.ddp_worker OUT_DIR [--strategy ddp|ddp_spawn|ddp_fork] [--backup-dir DIR]
+``python -m tests.lightning.ddp_worker OUT_DIR [--strategy ddp|ddp_spawn|ddp_fork|model_parallel]
+[--devices 2|1] [--backup-dir DIR]
 [--seed S] [--interrupt E,B] [--save-freq epoch|N] [--exact] [--sigterm R,E,B] [--batch-sleep S]
-[--num-nodes 1|2] [--namespace lightning.pytorch|pytorch_lightning]``
+[--num-nodes 1|2] [--namespace lightning.pytorch|pytorch_lightning] [--ckpt-path PATH]``
 Each rank writes ``OUT_DIR/rank<r>.json``: what it restored, what it trained, its final weights.
 ``ddp`` runs this script once per rank (rank 0 is this process, and writes after ``fit``);
 ``ddp_spawn`` and ``ddp_fork`` run ``fit`` in child processes, which write at their ``fit``'s end:
 there, when a rank fails, the launcher may kill the other before it writes. ``--num-nodes 2``: one
 process per "node"; run the script twice, with ``NODE_RANK=0`` and ``NODE_RANK=1``.
+``--strategy model_parallel``: ``ModelParallelStrategy`` with the model sharded by FSDP2 over every
+process; the weights each rank reports are its own shards. ``--devices 1``: one process.
 ``--exact``: dropout 0.2 and shuffled data (Lightning's DistributedSampler), each rank seeded
 differently in ``setup``, so that a resume must restore every rank's own random-number states.
 ``--sigterm R,E,B``: with ``save_before_preemption=True``, rank R sends itself SIGTERM after
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from tests.lightning.helpers import NAMESPACES, new_model, weights
+from unified_backup.errors import BackupError
 from unified_backup.preemption import EXIT_PREEMPTED, TrainingPreempted
 
 
@@ -52,8 +56,13 @@ class _Report:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         restored = self.backup.restored if self.backup else None
         self.record.update(
-            restored_epoch=restored.epoch if restored else None, start_step=trainer.global_step
+            restored_epoch=restored.epoch if restored else None,
+            start_step=trainer.global_step,
+            start_weights=[w.tolist() for w in weights(pl_module)],  # this rank's shards, when sharded
         )
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Any) -> None:
+        self.record["loads"] = self.record.get("loads", 0) + 1  # how often a checkpoint was restored
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self.batch_sleep:
@@ -75,7 +84,8 @@ class _Report:
 
 def write_report(out: Path, trainer: Any, model: Any, record: dict[str, Any], error: str | None) -> None:
     flat = np.concatenate([w.ravel() for w in weights(model)]).astype(float).tolist()
-    record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat)
+    shards = [w.tolist() for w in weights(model)]  # per tensor: of a sharded model, this rank's rows
+    record.update(error=error, seen=model.seen, global_step=trainer.global_step, weights=flat, shards=shards)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -126,7 +136,11 @@ def main() -> int:
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--sigterm")
     parser.add_argument("--keep-previous", action="store_true")
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "ddp_fork"])
+    parser.add_argument(
+        "--strategy", default="ddp", choices=["ddp", "ddp_spawn", "ddp_fork", "model_parallel"]
+    )
+    parser.add_argument("--devices", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--ckpt-path", help="passed to fit(ckpt_path=...)")
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     parser.add_argument("--num-nodes", type=int, default=1, choices=[1, 2])
     parser.add_argument("--namespace", default="lightning.pytorch", choices=sorted(NAMESPACES))
@@ -145,7 +159,14 @@ def main() -> int:
         if args.backup_dir
         else None
     )
-    in_children = args.strategy != "ddp"
+    in_children = args.strategy in ("ddp_spawn", "ddp_fork")
+    sharded = args.strategy == "model_parallel"  # FSDP2 over every process (data-parallel)
+    devices = args.devices // args.num_nodes
+    strategy: Any = args.strategy
+    if sharded:
+        strategy = ns.strategies.ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1
+        )
     report = made["Report"](backup, args.exact, args.out if in_children else None, args.batch_sleep)
     callbacks: list[Any] = [backup, report] if backup else [report]
     if args.sigterm:
@@ -157,24 +178,32 @@ def main() -> int:
     trainer = ns.Trainer(
         max_epochs=3,
         callbacks=callbacks,
-        strategy=args.strategy,
+        strategy=strategy,
         accelerator="cpu",
-        devices=2 // args.num_nodes,
+        devices=devices,
         num_nodes=args.num_nodes,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = new_model(args.namespace, seed=args.seed, dropout=0.2 if args.exact else 0.0, shuffle=args.exact)
+    model = new_model(
+        args.namespace,
+        seed=args.seed,
+        dropout=0.2 if args.exact else 0.0,
+        shuffle=args.exact,
+        sharded=sharded,
+    )
     error = None
     try:
-        trainer.fit(model)
+        trainer.fit(model, ckpt_path=args.ckpt_path)
     except RuntimeError as exc:
         error = str(exc)
     except TrainingPreempted as exc:
         error = "preempted"
         report.record["message"] = str(exc)
+    except BackupError as exc:  # e.g. a backup refused as fit starts, on every rank
+        error = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - ddp_spawn / ddp_fork: a child's error, as the launcher re-raises it
         if not in_children:
             raise

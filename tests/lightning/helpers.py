@@ -11,6 +11,7 @@ import lightning.pytorch
 import numpy as np
 import pytorch_lightning
 import torch
+from torch.distributed.tensor import DTensor
 
 import lightning_impl
 import lightning_impl.pl
@@ -93,6 +94,7 @@ def model_class(namespace: str = "lightning.pytorch", validate: bool = False) ->
                 dropout: float = 0.0,
                 shuffle: bool = False,
                 loader: str = "plain",
+                sharded: bool = False,
             ) -> None:
                 super().__init__()
                 seed_all(seed)
@@ -101,8 +103,19 @@ def model_class(namespace: str = "lightning.pytorch", validate: bool = False) ->
                     layers.append(torch.nn.Dropout(dropout))
                 self.net = torch.nn.Sequential(*layers, torch.nn.Linear(8, 1))
                 self.scheduler, self.optimizer_name = scheduler, optimizer
-                self.shuffle, self.loader = shuffle, loader
+                self.shuffle, self.loader, self.sharded = shuffle, loader, sharded
                 self.seen: list[tuple[int, int]] = []
+
+            def configure_model(self) -> None:
+                """``sharded``: FSDP2 over the data-parallel mesh (ModelParallelStrategy), per layer."""
+                if self.sharded and not _is_sharded(self.net):
+                    from torch.distributed.fsdp import fully_shard
+
+                    mesh = self.device_mesh["data_parallel"]
+                    for layer in self.net:
+                        if isinstance(layer, torch.nn.Linear):
+                            fully_shard(layer, mesh=mesh)
+                    fully_shard(self.net, mesh=mesh)
 
             def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
                 loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
@@ -229,7 +242,16 @@ def fit(
 
 
 def weights(model: Any) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy().copy() for t in model.net.state_dict().values()]
+    """The model's weights; of a sharded model, this process's shards (no collective)."""
+    return [_local(t).detach().cpu().numpy().copy() for t in model.net.state_dict().values()]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def assert_same_weights(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:

@@ -281,3 +281,48 @@ def test_the_slurm_requeue_signal_is_read_where_lightnings_signal_connector_read
     connector = importlib.import_module(f"{namespace}.trainer.connectors.signal_connector")
     source = inspect.getsource(connector._SignalConnector.register_signal_handlers)
     assert "_accelerator_connector.cluster_environment" in source and "auto_requeue" in source, CHANGED
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_sharded_checkpoints_are_model_parallels_with_their_pickled_part_in_meta_pt(namespace, tmp_path):
+    ns = NAMESPACES[namespace][0]
+    strategy = ns.strategies.ModelParallelStrategy()
+    assert _private.is_model_parallel(strategy) and strategy.restore_checkpoint_after_setup, (
+        CHANGED + "ModelParallelStrategy was renamed or no longer restores checkpoints after setup."
+    )
+    assert not _private.is_model_parallel(ns.strategies.DDPStrategy())
+    fabric = {"lightning.pytorch": "lightning.fabric", "pytorch_lightning": "lightning_fabric"}[namespace]
+    metadata = importlib.import_module(
+        f"{fabric}.strategies.model_parallel"
+    )._METADATA_FILENAME  # _load_checkpoint's
+    assert _private.pickled_part(tmp_path) == tmp_path / metadata, (
+        CHANGED + f"a sharded checkpoint keeps its torch.save part in {metadata!r}, not meta.pt."
+    )
+    assert _private.pickled_part(tmp_path / "state.ckpt") == tmp_path / "state.ckpt"
+
+
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES))
+def test_skip_restore_after_setup_skips_the_load_of_ckpt_path_that_follows_on_fit_start(namespace, tmp_path):
+    ns = NAMESPACES[namespace][0]
+
+    class AfterSetup(ns.strategies.SingleDeviceStrategy):  # as ModelParallelStrategy, on one CPU
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    class Skip(ns.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            _private.skip_restore_after_setup(trainer)
+
+    missing = tmp_path / "missing.ckpt"
+    plain = trainer_of(namespace, max_epochs=1, strategy=AfterSetup(device=torch.device("cpu")))
+    with pytest.raises(FileNotFoundError):  # Lightning loads ckpt_path after on_fit_start ...
+        plain.fit(new_model(namespace), ckpt_path=missing)
+    skipping = trainer_of(
+        namespace, max_epochs=1, strategy=AfterSetup(device=torch.device("cpu")), callbacks=[Skip()]
+    )
+    skipping.fit(new_model(namespace), ckpt_path=missing)  # ... in the one call that is skipped
+    assert skipping.global_step > 0, CHANGED + "Trainer._run no longer restores after setup where it did."
+    assert "_restore_modules_and_callbacks" not in vars(
+        skipping._checkpoint_connector
+    )  # the skip removed itself

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.harness import Worker, can_isolate
@@ -326,6 +328,25 @@ def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exa
     assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(1, 7))
 
 
+def kill_once_committed(slot: Slot, step: int, out: Path, *args: str, namespace: str) -> None:
+    """Run a job (0.3 s per batch) and SIGKILL all of it once the backup of global ``step`` is committed."""
+    argv = ddp_argv(out, *args, "--batch-sleep", "0.3", namespace=namespace)
+    log_path = out.with_suffix(".log")
+    with log_path.open("w") as log:
+        running = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while counters(slot)[2] < step and running.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.pid, signal.SIGKILL)
+            running.wait()
+    assert running.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+
+
 @multiprocess
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bit_identical(
@@ -346,19 +367,7 @@ def test_spawn_and_fork_launchers_resume_an_exception_a_kill_and_a_preemption_bi
     assert counters(slot) == (1, 2, 6)
 
     # SIGKILL of the whole job (launcher and ranks) once the backup of step 9 is committed
-    argv = ddp_argv(tmp_path / "killed", *options, "--seed", "1", "--batch-sleep", "0.3", **job.keywords)
-    log = (tmp_path / "killed.log").open("w")
-    running = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while counters(slot)[2] < 9 and running.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(running.pid, signal.SIGKILL)
-        running.wait()
-        log.close()
-    assert running.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    kill_once_committed(slot, 9, tmp_path / "killed", *options, "--seed", "1", **job.keywords)
     assert counters(slot) == (2, 1, 9)
     slot.verify(slot.read_manifest())
 
@@ -415,7 +424,8 @@ def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(
         exit_code=3,
     )
     manifest = Slot(backup_dir).read_manifest()
-    assert dict(manifest.topology) == {"strategy": "DDP", "workers": 2, "replicas": 2, "nodes": 1}
+    topology = {"strategy": "DDP", "workers": 2, "replicas": 2, "nodes": 1, "layout": "replicated"}
+    assert dict(manifest.topology) == topology
     with caplog.at_level(logging.WARNING, logger="unified_backup"):
         namespace = job.keywords["namespace"]
         result = fit(new_model(namespace, seed=5), backup_dir, epochs=3, save_freq=3, namespace=namespace)
@@ -423,5 +433,123 @@ def test_a_ddp_backup_restores_in_one_process_with_a_warning_naming_both_shapes(
     warnings = [r.getMessage() for r in caplog.records if "another shape" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert (
-        "(nodes=1, replicas=2, strategy=DDP, workers=2) than this one (nodes=1, replicas=1, " in warnings[0]
+        "(layout=replicated, nodes=1, replicas=2, strategy=DDP, workers=2) than this one "
+        "(layout=replicated, nodes=1, replicas=1, " in warnings[0]
     )
+
+
+SHARDED = ("--strategy", "model_parallel", "--exact")  # FSDP2 over both processes, dropout, shuffled data
+
+
+@multiprocess
+def test_fsdp2_shards_commit_once_are_verified_before_any_rank_loads_and_resume_bit_identical(job, tmp_path):
+    """ModelParallelStrategy with FSDP2: every rank writes its own shards into the one staging folder,
+    the manifest lists each with its checksum, a damaged shard is refused on every rank before any
+    rank loads, and an exception, a SIGKILL of the job and SIGTERM to rank 1, each resumed by the
+    next run, end on the uninterrupted run's shards, bit for bit on each rank."""
+    reference = job(tmp_path / "reference", *SHARDED)
+    assert reference[0]["shards"] != reference[1]["shards"] and reference[0]["global_step"] == 12
+    backup_dir = tmp_path / "b"
+    options = (*SHARDED, "--save-freq", "3", "--backup-dir", str(backup_dir))
+    slot = Slot(backup_dir)
+
+    interrupted = job(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+    assert [rank["error"] for rank in interrupted] == ["interrupt", "interrupt"]
+    assert counters(slot) == (1, 2, 6)
+    manifest = slot.read_manifest()
+    shards = ["state/__0_0.distcp", "state/__1_0.distcp"]  # rank 0's and rank 1's
+    assert sorted(manifest.files) == ["state/.metadata", *shards, "state/meta.pt"]
+    assert all(len(manifest.files[name].checksum) == 64 for name in shards)
+    assert sorted(p.name for p in backup_dir.iterdir() if p.is_dir()) == [manifest.payload]  # one folder
+    topology = {"strategy": "ModelParallel", "workers": 2, "replicas": 2, "nodes": 1, "layout": "sharded"}
+    assert dict(manifest.topology) == topology
+
+    # rank 1's shard damaged (in a copy): refused on every rank before any rank loads; left as it was
+    damaged = tmp_path / "damaged"
+    shutil.copytree(backup_dir, damaged)
+    shard = damaged / manifest.payload / shards[1]
+    flipped = bytearray(shard.read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    shard.write_bytes(bytes(flipped))
+    refused = job(tmp_path / "refused", *SHARDED, "--backup-dir", str(damaged), exit_code=3)
+    for rank in refused:
+        assert (
+            rank["error"].startswith("CorruptBackupError: ")
+            and "__1_0.distcp fails its sha256" in rank["error"]
+        )
+        assert "start_step" not in rank  # never trained
+    assert shard.read_bytes() == bytes(flipped) and (damaged / "manifest.json").exists()
+    user_checkpoint = tmp_path / "user.ckpt"  # a Lightning checkpoint of step 6, for fit(ckpt_path=...)
+    shutil.copytree(slot.payload_dir(manifest) / "state", user_checkpoint)
+
+    kill_once_committed(slot, 9, tmp_path / "killed", *options, "--seed", "1", **job.keywords)
+    assert counters(slot) == (2, 1, 9)
+    slot.verify(slot.read_manifest())
+
+    preempted = job(
+        tmp_path / "preempted", *options, "--seed", "2", "--sigterm", "1,2,1", exit_code=EXIT_PREEMPTED
+    )
+    for rank in preempted:
+        assert (rank["restored_epoch"], rank["start_step"]) == (2, 9)  # every rank restored the same shards
+        assert (rank["error"], rank["global_step"]) == ("preempted", 10)
+    assert counters(slot) == (2, 2, 10)
+
+    # the backup is restored once, and Lightning's own load after setup does not follow with ckpt_path's
+    resumed = job(tmp_path / "resumed", *options, "--seed", "3", "--ckpt-path", str(user_checkpoint))
+    for rank, uninterrupted in zip(resumed, reference, strict=True):
+        assert rank["error"] is None and (rank["restored_epoch"], rank["start_step"]) == (2, 10)
+        assert rank["loads"] == 1
+        assert rank["global_step"] == 12 and rank["shards"] == uninterrupted["shards"]
+    assert not backup_dir.exists()
+
+
+@multiprocess
+def test_fsdp2_shards_of_two_processes_are_resharded_for_one_with_a_warning(job, tmp_path):
+    """A world-size change: the 2-process backup loads in one process, every tensor whole and equal to
+    the two shards at the backup, with the warning that names both shapes; then training goes on."""
+    backup_dir = tmp_path / "b"
+    options = (*SHARDED, "--save-freq", "1", "--backup-dir", str(backup_dir))
+    interrupted = job(tmp_path / "interrupted", *options, "--interrupt", "1,2", exit_code=3)
+    assert counters(Slot(backup_dir)) == (1, 2, 6)  # the backup of the step the ranks stopped after
+
+    result = run(ddp_argv(tmp_path / "one", *options, "--devices", "1", **job.keywords), timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert (one["error"], one["restored_epoch"], one["start_step"]) == (None, 1, 6)
+    for i, whole in enumerate(one["start_weights"]):
+        whole = np.asarray(whole, dtype=np.float32)
+        rows = [
+            np.asarray(rank["shards"][i], dtype=np.float32).reshape(-1, *whole.shape[1:])
+            for rank in interrupted
+        ]
+        np.testing.assert_array_equal(np.concatenate(rows), whole)  # FSDP2 shards by rows
+    assert (
+        "made by a job of another shape (layout=sharded, nodes=1, replicas=2, strategy=ModelParallel, "
+        "workers=2) than this one (layout=sharded, nodes=1, replicas=1, strategy=ModelParallel, workers=1)"
+    ) in " ".join(result.stderr.split())
+    assert not backup_dir.exists()
+
+
+@multiprocess
+def test_a_backup_of_the_other_layout_is_refused_on_every_rank_and_left_intact(tmp_path):
+    """Replicated state (DDP) is not loaded by a sharded strategy, nor sharded state by DDP."""
+    for made, loads in (((), SHARDED[:2]), (SHARDED[:2], ())):  # the same model: equal fingerprints
+        backup_dir = tmp_path / f"b{len(made)}"
+        ddp(
+            tmp_path / f"made{len(made)}",
+            *made,
+            "--backup-dir",
+            str(backup_dir),
+            "--interrupt",
+            "1,0",
+            exit_code=3,
+        )
+        committed = (backup_dir / "manifest.json").read_bytes()
+        refused = ddp(tmp_path / f"refused{len(made)}", *loads, "--backup-dir", str(backup_dir), exit_code=3)
+        for rank in refused:
+            assert (
+                rank["error"].startswith("IncompatibleBackupError: ")
+                and "nothing was loaded" in rank["error"]
+            )
+        assert (backup_dir / "manifest.json").read_bytes() == committed
+        Slot(backup_dir).verify(Slot(backup_dir).read_manifest())
