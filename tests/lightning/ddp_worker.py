@@ -14,7 +14,8 @@ process; the weights each rank reports are its own shards. ``--devices 1``: one 
 ``--exact``: dropout 0.2 and shuffled data (Lightning's DistributedSampler), each rank seeded
 differently in ``setup``, so that a resume must restore every rank's own random-number states.
 ``--sigterm R,E,B``: with ``save_before_preemption=True``, rank R sends itself SIGTERM after
-batch B of epoch E; a preempted rank exits with code 143.
+batch B of epoch E (``--signal SIGUSR1``: that signal, listed with SIGTERM); a preempted rank exits
+with code 143.
 Run it in a private network namespace (see test_processes.py).
 """
 
@@ -102,14 +103,14 @@ class _Interrupt:
 
 
 class _SigTerm:
-    """Rank ``rank`` sends itself SIGTERM after batch ``at[1]`` of epoch ``at[0]``."""
+    """Rank ``rank`` sends itself ``signum`` (SIGTERM) after batch ``at[1]`` of epoch ``at[0]``."""
 
-    def __init__(self, rank: int, at: tuple[int, int]) -> None:
-        self.rank, self.at = rank, at
+    def __init__(self, rank: int, at: tuple[int, int], signum: int = signal.SIGTERM) -> None:
+        self.rank, self.at, self.signum = rank, at, signum
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if trainer.global_rank == self.rank and (trainer.current_epoch, args[-1]) == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 def _namespaced(mixin: type, namespace: str) -> type:
@@ -135,6 +136,9 @@ def main() -> int:
     parser.add_argument("--save-freq", default="epoch", type=lambda v: v if v == "epoch" else int(v))
     parser.add_argument("--exact", action="store_true")
     parser.add_argument("--sigterm")
+    parser.add_argument(
+        "--signal", default="SIGTERM", choices=["SIGTERM", "SIGUSR1"], help="what --sigterm sends"
+    )
     parser.add_argument("--keep-previous", action="store_true")
     parser.add_argument(
         "--strategy", default="ddp", choices=["ddp", "ddp_spawn", "ddp_fork", "model_parallel"]
@@ -153,7 +157,7 @@ def main() -> int:
         backup_class(
             args.backup_dir,
             save_freq=args.save_freq,
-            save_before_preemption=preempt,
+            save_before_preemption=["SIGTERM", args.signal] if preempt else False,
             keep_previous=args.keep_previous,
         )
         if args.backup_dir
@@ -171,7 +175,7 @@ def main() -> int:
     callbacks: list[Any] = [backup, report] if backup else [report]
     if args.sigterm:
         rank, epoch, batch = map(int, args.sigterm.split(","))
-        callbacks.insert(0, made["SigTerm"](rank, (epoch, batch)))
+        callbacks.insert(0, made["SigTerm"](rank, (epoch, batch), signal.Signals[args.signal]))
     if args.interrupt:
         epoch, batch = map(int, args.interrupt.split(","))
         callbacks.insert(0, made["Interrupt"]((epoch, batch)))
@@ -182,6 +186,7 @@ def main() -> int:
         accelerator="cpu",
         devices=devices,
         num_nodes=args.num_nodes,
+        default_root_dir=args.out,  # where Lightning's own SLURM handler would save hpc_ckpt_*.ckpt
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -258,3 +258,12 @@ def assert_same_weights(actual: list[np.ndarray], expected: list[np.ndarray]) ->
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_array_equal(a, e)
+
+
+def stand_in_scontrol(folder: Path, exit_code: int = 0) -> Path:
+    """An ``scontrol`` executable in ``folder`` that records its arguments in ``folder/scontrol.log``."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder / "scontrol.log"}"\nexit {exit_code}\n')
+    script.chmod(0o755)
+    return folder / "scontrol.log"

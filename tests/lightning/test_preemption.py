@@ -18,7 +18,14 @@ import pytest
 
 import lightning_impl
 import lightning_impl.pl
-from tests.lightning.helpers import NAMESPACES, assert_same_weights, fit, new_model, weights
+from tests.lightning.helpers import (
+    NAMESPACES,
+    assert_same_weights,
+    fit,
+    new_model,
+    stand_in_scontrol,
+    weights,
+)
 from tests.lock_probe import lock_is_free
 from unified_backup import Slot, UnsupportedEnvironmentError
 from unified_backup.lock import LOCK_NAME
@@ -200,15 +207,6 @@ SLURM_ENV = {  # one task of batch job 4242, as srun sets them
     "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
     "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
 }  # fmt: skip
-
-
-def stand_in_scontrol(folder: Any, exit_code: int = 0) -> Any:
-    """An ``scontrol`` executable that records its arguments in ``folder/scontrol.log``."""
-    folder.mkdir(exist_ok=True)
-    script = folder / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder / "scontrol.log"}"\nexit {exit_code}\n')
-    script.chmod(0o755)
-    return folder / "scontrol.log"
 
 
 @pytest.mark.parametrize("scontrol_exit", [0, 1], ids=["requeued", "requeue-failed"])

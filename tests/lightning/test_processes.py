@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.harness import Worker, can_isolate
-from tests.lightning.helpers import NAMESPACES, fit, new_model
+from tests.lightning.helpers import NAMESPACES, fit, new_model, stand_in_scontrol
 from unified_backup import Slot
 from unified_backup.lock import LOCK_NAME
 from unified_backup.preemption import EXIT_PREEMPTED
@@ -102,6 +102,18 @@ def ddp_argv(out: Path, *args: str, namespace: str = "lightning.pytorch") -> lis
     """argv of one DDP job; with ``--num-nodes 2`` in ``args``, two "nodes" (one process each, NODE_RANK
     0 and 1) in one private network namespace, exiting with node 0's code once both ended."""
     args = (*args, "--namespace", namespace)
+    if "--srun" in args:  # as srun starts them: each rank its own process, its rank in SLURM's variables
+        at = args.index("--srun")
+        path, args = args[at + 1], (*args[:at], *args[at + 2 :])
+        worker = [sys.executable, "-m", "tests.lightning.ddp_worker", str(out), *args]
+        slurm = " ".join(f"{name}={value}" for name, value in SRUN.items())
+        script = (
+            "ip link set lo up && export MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 "
+            f'PATH="{path}:$PATH" {slurm} && '
+            '{ SLURM_PROCID=1 SLURM_LOCALID=1 "$@" & } && SLURM_PROCID=0 SLURM_LOCALID=0 "$@"; '
+            "code=$?; wait; exit $code"
+        )
+        return ["unshare", "-n", "sh", "-c", script, "_", *worker]
     if "--num-nodes" in args:
         worker = [sys.executable, "-m", "tests.lightning.ddp_worker", str(out), *args]
         script = (
@@ -125,6 +137,12 @@ def ddp_argv(out: Path, *args: str, namespace: str = "lightning.pytorch") -> lis
         str(out),
         *args,
     ]
+
+
+SRUN = {  # what srun sets for the 2 tasks of batch job 4242 on one node (and SLURM_PROCID, SLURM_LOCALID)
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+}  # fmt: skip
 
 
 def counters(slot: Slot) -> tuple[int, int, int]:
@@ -326,6 +344,38 @@ def test_ddp_sigterm_to_rank_0_only_stops_every_rank_at_one_step_and_resumes_exa
 
     resumed = job(tmp_path / "resumed", *options, "--seed", "2")
     assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(1, 7))
+
+
+@multiprocess
+def test_ddp_started_by_srun_backs_up_on_the_requeue_signal_requeues_once_and_resumes_exactly(job, tmp_path):
+    """DDP on SLURM as srun starts it (Lightning launches nothing; ranks from SLURM's variables), with
+    auto-requeue on: SIGUSR1 to rank 1 backs up the next step on every rank, then global rank 0 runs
+    Lightning's requeue once (a stand-in scontrol); the requeued run resumes bit for bit."""
+    reference = job(tmp_path / "reference", "--exact")
+    calls = stand_in_scontrol(tmp_path / "bin")
+    backup_dir = tmp_path / "b"
+    options = (
+        "--srun",
+        str(tmp_path / "bin"),
+        "--exact",
+        "--save-freq",
+        "3",
+        "--backup-dir",
+        str(backup_dir),
+    )
+    requeued = tmp_path / "requeued"
+    preempted = job(requeued, *options, "--sigterm", "1,2,1", "--signal", "SIGUSR1", exit_code=EXIT_PREEMPTED)
+    for rank in preempted:
+        assert (rank["error"], rank["global_step"], rank["seen"][-1]) == ("preempted", 10, [2, 1])
+    assert preempted[0]["message"].startswith(
+        "Preempted by SIGUSR1 (received by rank 1): backed up global step 10 "
+    )
+    assert calls.read_text() == "requeue 4242\n"  # once, by global rank 0, after the commit
+    assert counters(Slot(backup_dir)) == (2, 2, 10) and not list(requeued.glob("**/hpc_ckpt_*"))
+
+    resumed = job(tmp_path / "resumed", *options, "--seed", "2")
+    assert_resumed_to_the_end(resumed, reference, backup_dir, restored=(2, 10))
+    assert calls.read_text() == "requeue 4242\n"
 
 
 def kill_once_committed(slot: Slot, step: int, out: Path, *args: str, namespace: str) -> None:
