@@ -8,8 +8,10 @@ Verified against lightning / pytorch-lightning 2.6.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import pickle
 import signal
 import threading
 import warnings
@@ -307,11 +309,89 @@ def is_model_parallel(strategy: Any) -> bool:
     return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
 
 
+LIGHTNING_METADATA = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint.filesystem._metadata_fn
+
+
 def pickled_part(path: Path) -> Path:
     """The ``torch.save`` file of a checkpoint at ``path``: the file itself, or, in a sharded
-    checkpoint folder, the metadata file ``meta.pt`` that the strategy writes beside the shards
-    (``lightning.fabric.utilities.load._METADATA_FILENAME``)."""
-    return path / "meta.pt" if path.is_dir() else path
+    checkpoint folder, the file of everything but model and optimizers that Lightning writes beside
+    the shards."""
+    return path / LIGHTNING_METADATA if path.is_dir() else path
+
+
+def saves_full_state(strategy: Any) -> bool:
+    """``ModelParallelStrategy(save_distributed_checkpoint=False)``: it gathers the whole state into
+    one file on rank 0 instead of writing shards."""
+    return getattr(strategy, "_save_distributed_checkpoint", True) is False
+
+
+def save_sharded(checkpoint: dict[str, Any], path: Path, write_rest: Any) -> None:
+    """(every rank) What ``ModelParallelStrategy.save_checkpoint`` writes (``save_distributed_checkpoint``
+    on), in the layout its ``load_checkpoint`` reads: model and optimizer states through
+    ``torch.distributed.checkpoint.save`` (each rank its shards; collective), under the keys
+    ``state_dict`` and ``optimizer_<i>``; the rest as :data:`LIGHTNING_METADATA`, written by
+    ``write_rest(rest, file)`` (None on the ranks that do not write it)."""
+    from torch.distributed.checkpoint import save
+
+    converted = {"state_dict": checkpoint.pop("state_dict")}
+    for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        converted[f"optimizer_{i}"] = state
+    save(converted, checkpoint_id=path)
+    if write_rest is not None:
+        write_rest(checkpoint, path / LIGHTNING_METADATA)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a ``.metadata`` file with torch.distributed.checkpoint's own classes only.
+
+    torch reads that file with a plain ``pickle.load``: a crafted one could run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if _allowed(module, name) else None
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a torch.distributed.checkpoint class")
+        return found
+
+
+def _allowed(module: str, name: str) -> bool:
+    if module.startswith("torch.distributed.checkpoint."):  # its classes (dataclasses, enums), no function
+        return isinstance(getattr(importlib.import_module(module), name, None), type)
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+    return (module, name) in {
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """The ``.metadata`` of the torch.distributed.checkpoint folder ``path``, unpickled safely."""
+    with open(path / DCP_METADATA, "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def shard_files(metadata: Any) -> set[str]:
+    """The files of a torch.distributed.checkpoint folder that its ``.metadata`` names."""
+    return {info.relative_path for info in metadata.storage_data.values()}
+
+
+def stored_objects(metadata: Any) -> list[tuple[str, str, int, int, bool]]:
+    """Every item that torch.distributed.checkpoint loads with ``torch.load(weights_only=False)``
+    (anything but a tensor: e.g. an optimizer's param_groups): ``(name, file, offset, length,
+    transformed)``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    out = []
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            transformed = bool(getattr(info, "transform_descriptors", None))
+            out.append((index.fqn, info.relative_path, int(info.offset), int(info.length), transformed))
+    return out
 
 
 def skip_restore_after_setup(trainer: Any) -> None:

@@ -16,7 +16,9 @@ aggregates from :mod:`lightning_impl.exact`, and whether training was stopping).
   writes into the one staging folder; the core commits once all are in. The strategy loads it on
   any world size (resharding), so a job of another size resumes, with the core's warning.
 
-Loading always passes ``weights_only=True``, so it never runs code stored in the files.
+Loading never unpickles arbitrary objects, so it never runs code stored in the files: the file
+loads with ``weights_only=True``, and a sharded folder is loaded only once
+:func:`lightning_impl.shards.refused` found nothing but plain values in it.
 """
 
 from __future__ import annotations
@@ -31,22 +33,21 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lightning_impl import _private
+from lightning_impl import _private, shards
 from lightning_impl.exact import ExactResume
 from unified_backup.coordinator import Coordinator
 from unified_backup.errors import (
     BackupError,
-    IncompatibleBackupError,
     UnsafeBackupError,
     UnsupportedEnvironmentError,
 )
 from unified_backup.fingerprint import describe
 from unified_backup.manifest import Manifest
-from unified_backup.state import Position
+from unified_backup.state import REPLICATED, SHARDED, Position
 
 FRAMEWORK = "lightning"
 FILENAME = "state.ckpt"  # replicated state
-SHARDED = "state"  # sharded state: a torch.distributed.checkpoint folder
+FOLDER = "state"  # sharded state: a torch.distributed.checkpoint folder
 KEY = "unified_backup"  # our entry in the checkpoint
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def topology(trainer: Any, sharded: bool) -> dict[str, Any]:
         "workers": world,
         "replicas": int(replicas.get("num_replicas", world)),
         "nodes": int(trainer.num_nodes),
-        "layout": "sharded" if sharded else "replicated",
+        "layout": SHARDED if sharded else REPLICATED,
     }
 
 
@@ -89,8 +90,14 @@ def check_strategy(strategy: Any) -> bool:
     """Whether ``strategy`` writes sharded state; raise for a strategy that is not supported."""
     if not strategy.restore_checkpoint_after_setup:
         return False  # replicated: one process, DDP and its launchers
-    if _private.is_model_parallel(strategy):
+    if _private.is_model_parallel(strategy) and not _private.saves_full_state(strategy):
         return True
+    if _private.is_model_parallel(strategy):
+        raise UnsupportedEnvironmentError(
+            "BackupAndRestore needs ModelParallelStrategy(save_distributed_checkpoint=True) (the default): "
+            "found save_distributed_checkpoint=False, which gathers the whole state into one file on rank 0. "
+            "Pass save_distributed_checkpoint=True; every rank then writes its own shards."
+        )
     name = type(strategy).__name__
     raise UnsupportedEnvironmentError(
         f"BackupAndRestore does not support the {name} strategy: it restores checkpoints after setup and "
@@ -136,30 +143,33 @@ class LightningState:
             _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
         exact = self.exact.entry(trainer, coordinator.gather, position.batches)
         checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
-        target = directory / (SHARDED if self.sharded else FILENAME)
+        target = directory / (FOLDER if self.sharded else FILENAME)
         outcome: dict[str, Any] = {"path": str(target)}
         failure: BaseException | None = None
         if self.sharded or coordinator.is_primary:
             try:
                 if self.sharded:
-                    _write_shards(trainer, checkpoint, target)
+                    _write_shards(checkpoint, target, coordinator.is_primary)
                 else:
                     _write(checkpoint, target)
                 if coordinator.is_primary and not self._checked:
-                    outcome["unsafe"] = _refused_by_safe_load(_private.pickled_part(target))
+                    outcome["unsafe"] = _refused_by_safe_load(target)
             except Exception as exc:  # the other ranks wait for the outcome: they must hear of it
                 failure = exc
                 strerror = exc.strerror if isinstance(exc, OSError) else None
                 outcome["errno"] = getattr(exc, "errno", None)
                 outcome["error"] = strerror or f"{type(exc).__name__}: {exc}"
-        self._checked = True
+                outcome["class"] = type(exc).__name__
         outcome = coordinator.broadcast(outcome)
+        self._checked = self._checked or "error" not in outcome
         if failure is not None and not coordinator.is_primary:
             raise failure  # this rank's own shards (the core reports the first rank that failed)
         path = outcome["path"]  # the primary's file
         if outcome.get("error"):
             if outcome["errno"] is not None:
                 raise OSError(outcome["errno"], f"{outcome['error']}: {path}")
+            if outcome["class"] == UnsupportedEnvironmentError.__name__:
+                raise UnsupportedEnvironmentError(outcome["error"].split(": ", 1)[-1])
             raise BackupError(f"Writing {path} failed ({outcome['error']}).")
         if outcome.get("unsafe"):
             raise UnsafeBackupError(
@@ -176,16 +186,29 @@ class LightningState:
         Sharded state (a strategy that restores after setup, and whose model and optimizers exist by
         now): the strategy loads model and optimizer shards here too, resharded to this job's size.
         """
-        path = directory / (SHARDED if self.sharded else FILENAME)
-        _check_layout(directory, manifest, self.sharded, self.topology["strategy"])
+        path = directory / (FOLDER if self.sharded else FILENAME)
+        unsafe = shards.refused(path) if self.sharded else None  # torch's reader would unpickle it all
+        if unsafe is not None:
+            raise UnsafeBackupError(
+                f"{path} holds objects that are not plain tensors or containers ({unsafe}). Expected a "
+                "checkpoint that loads without unpickling arbitrary objects; restoring it could run code "
+                "stored in the files, so nothing was loaded. Delete the backup (`unified-backup delete "
+                "BACKUP_DIR`) to start fresh."
+            )
         try:
             _private.restore_modules_and_callbacks(self.trainer, path)
             if self.sharded:  # else Lightning would restore again after on_fit_start, or load fit(ckpt_path=)
                 _private.skip_restore_after_setup(self.trainer)
+        except CheckpointException as exc:  # a BaseException: every rank must turn it into an error alike
+            raise BackupError(
+                f"Loading the shards in {path} failed: {_first_cause(exc)}. Expected shards that fit this "
+                "model and its optimizers; the backup is left as it is. Resume with the model it was made "
+                "for, or delete the backup (`unified-backup delete BACKUP_DIR`) to start fresh."
+            ) from exc
         except pickle.UnpicklingError as exc:
             raise UnsafeBackupError(
                 f"{path} needs to unpickle objects that are not plain tensors or containers "
-                f"({_unpickler_reason(exc)}). "
+                f"({shards.unpickler_reason(exc)}). "
                 "Expected a checkpoint that loads with torch.load(weights_only=True); restoring it could "
                 "run code stored in the file, so nothing was loaded. Delete the backup "
                 "(`unified-backup delete BACKUP_DIR`) to start fresh, and "
@@ -224,32 +247,33 @@ def _write(checkpoint: dict[str, Any], path: Path) -> None:
             raise
 
 
-def _write_shards(trainer: Any, checkpoint: dict[str, Any], path: Path) -> None:
-    """(every rank) The strategy's own sharded save into ``path``; a failed write on any rank raises
-    on every rank, as the ``OSError`` behind it when there is one (so ``on_write_error`` applies)."""
+def _write_shards(checkpoint: dict[str, Any], path: Path, primary: bool) -> None:
+    """(every rank) Write the shards into ``path``, and on the primary the rest of the checkpoint, then
+    check that every rank's shards are there. A failed write on any rank raises on every rank (torch's
+    collectives), as the ``OSError`` behind it when there is one (so ``on_write_error`` applies)."""
     try:
-        trainer.strategy.save_checkpoint(checkpoint, path)
+        _private.save_sharded(checkpoint, path, _write if primary else None)
     except CheckpointException as exc:  # a BaseException: it would pass every ``except Exception``
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in exc.failures.values()]
-        oserror = next((cause for cause in causes if isinstance(cause, OSError)), None)
+        oserror = next((cause for cause in _causes(exc) if isinstance(cause, OSError)), None)
         if oserror is not None:
             raise OSError(oserror.errno, oserror.strerror or str(oserror)) from exc
-        raise BackupError(f"Writing the shards into {path} failed: {exc}") from exc
+        raise BackupError(f"Writing the shards into {path} failed: {_first_cause(exc)}") from exc
+    missing = shards.missing(path) if primary else []
+    if missing:
+        raise UnsupportedEnvironmentError(
+            f"The shards {', '.join(missing)} that other processes wrote into {path} are not there as the "
+            "primary sees it. Expected a backup_dir on a filesystem every process sees (e.g. NFS); put "
+            "backup_dir on one."
+        )
 
 
-def _check_layout(directory: Path, manifest: Manifest, sharded: bool, strategy: str) -> None:
-    """Refuse a backup whose layout (sharded or replicated state) this job's strategy cannot load."""
-    expected = "sharded" if sharded else "replicated"
-    found = "sharded" if (directory / SHARDED).is_dir() else "replicated"
-    if found == expected:
-        return
-    made = dict(manifest.topology).get("strategy", "another")
-    raise IncompatibleBackupError(
-        f"The backup in {directory.parent} holds {found} state (written by a {made} strategy); this job's "
-        f"{strategy} strategy loads {expected} state, so nothing was loaded. Expected a backup of the same "
-        f"kind of strategy: resume with the {made} strategy, or delete the backup (`unified-backup delete "
-        "BACKUP_DIR`) to start fresh."
-    )
+def _causes(exc: CheckpointException) -> list[BaseException]:
+    return [failure[0] if isinstance(failure, tuple) else failure for failure in exc.failures.values()]
+
+
+def _first_cause(exc: CheckpointException) -> str:
+    causes = _causes(exc)
+    return f"{type(causes[0]).__name__}: {causes[0]}" if causes else str(exc)
 
 
 class _Sink(io.RawIOBase):
@@ -272,18 +296,15 @@ class _Sink(io.RawIOBase):
 
 
 def _refused_by_safe_load(path: Path) -> str | None:
-    """Why ``torch.load(path, weights_only=True)`` refuses the file, or None if it loads."""
+    """Why the checkpoint at ``path`` (a file, or a sharded folder) could not be loaded without
+    unpickling arbitrary objects; None if it can."""
+    if path.is_dir():
+        return shards.refused(path)
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        return _unpickler_reason(exc)
+        return shards.unpickler_reason(exc)
     return None
-
-
-def _unpickler_reason(exc: Exception) -> str:
-    """The one line of torch's long weights-only error that names the refused object."""
-    lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-    return lines[0].split(". Please use")[0] if lines else str(exc)
 
 
 def _dtype(tensor: Any) -> str:

@@ -43,7 +43,8 @@ class BackupCallback:
             (Keras's message printing, Lightning's rank-zero info). ``False``: only log it.
 
     After a ``fit``, ``restored`` is the manifest of the backup it resumed from (or None) and
-    ``stats`` counts its backups and the seconds spent writing them.
+    ``stats`` counts its backups and the seconds spent writing them, and the seconds the restore
+    took as ``fit`` began (``restore_seconds``, verification included).
     """
 
     #: Raised when a preemption signal stopped training (an adapter may add its framework's class).

@@ -47,24 +47,25 @@ from typing import Any
 
 from unified_backup import choice, errors, fingerprint, preemption
 from unified_backup.coordinator import Coordinator, SingleProcess
-from unified_backup.errors import BackupError, BackupWriteError, NoBackupError
+from unified_backup.errors import BackupError, BackupWriteError, IncompatibleBackupError, NoBackupError
 from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import Header, Manifest
 from unified_backup.options import REQUIRED, WARN, BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 from unified_backup.slot import Slot
-from unified_backup.state import Position, TrainingState
+from unified_backup.state import REPLICATED, SHARDED, Position, TrainingState
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class BackupStats:
-    """What backing up cost during one ``fit``."""
+    """What backing up cost during one ``fit``, and what restoring cost as it began."""
 
     backups: int = 0
     seconds: float = 0.0
     last_bytes: int = 0
+    restore_seconds: float = 0.0  # reading, verifying, checking and loading the backup (0 if none)
 
 
 @dataclasses.dataclass
@@ -113,17 +114,20 @@ class Lifecycle:
         """
         if self._fit is not None:  # left running by a fit that raised where no hook said so
             self.finish(success=False)
+        began = time.perf_counter()
         self.stats, self.restored = BackupStats(), None
         fit = self._fit = _Fit(state, coordinator or SingleProcess())
         chosen = self._on_primary("Opening the backup", lambda: self._choose(state.framework), abandon=True)
         fit.opened = Manifest.from_json(chosen["manifest"]) if chosen["manifest"] else None
         fit.refused = chosen["refused"]
+        self.stats.restore_seconds = time.perf_counter() - began if fit.opened else 0.0
         return fit.opened
 
     def restore(self) -> Manifest | None:
         """Check the opened backup against the live training, settle the folder, and load it."""
         fit = self._running("restore")
         manifest = fit.opened
+        began = time.perf_counter()
         self._on_primary("Restoring the backup", lambda: self._settle(fit), abandon=True)
         if manifest is not None:
             failure: BaseException | None = None
@@ -135,6 +139,7 @@ class Lifecycle:
             if report is not None:
                 self._abandon()
                 raise _raised(report, failure, fit.coordinator.rank) from failure
+            self.stats.restore_seconds += time.perf_counter() - began
             line = restore_line(manifest, self.options.backup_dir)
             log.info(line)
             if self.options.verbose and self._announce is not None and fit.coordinator.is_primary:
@@ -316,7 +321,7 @@ class Lifecycle:
         staged = Path(self._on_primary("Creating a staging folder", self._stage))
         shared = coordinator.is_primary or _sharded(fit.state)  # shards: every process writes its own files
         target = staged if shared else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
-        failure = _attempt(lambda: target.mkdir(parents=True, exist_ok=True))
+        failure = _attempt(lambda: _make_folder(target, made=coordinator.is_primary or not shared))
         report = self._agree(fit, failure)  # every process has its folder, or none saves
         if report is None:  # save makes its collectives before any write that can fail (see TrainingState)
             failure = _attempt(lambda: fit.state.save(target, position, coordinator))
@@ -482,29 +487,52 @@ def _topology(state: TrainingState) -> dict[str, Any]:
     return dict(getattr(state, "topology", None) or {})
 
 
+def _make_folder(target: Path, made: bool) -> None:
+    """Make the folder a process saves into; or, where the primary made it (sharded state), check that
+    this process sees it: a ``backup_dir`` that is not shared would get a local copy no one commits."""
+    if made:
+        target.mkdir(parents=True, exist_ok=True)
+    elif not target.is_dir():
+        raise errors.UnsupportedEnvironmentError(
+            f"The staging folder {target} that the primary made is not there as this process sees it. "
+            "Expected a backup_dir on a filesystem every process sees (e.g. NFS); put backup_dir on one."
+        )
+
+
 def _sharded(state: TrainingState) -> bool:
     """Whether every process writes its own part of the state into the one staging folder."""
     return bool(getattr(state, "sharded", False))
 
 
 def _check_topology(manifest: Manifest, live: dict[str, Any], backup_dir: str) -> None:
-    """Warn when the backup was made by a job of another shape (other workers or replicas): replicated
-    state restores as it is, sharded state (``layout: sharded``) is resharded by the state's ``load``,
+    """Refuse a backup of another layout (``layout``: ``sharded`` or ``replicated``, the latter when
+    unrecorded) than a job that records its own; warn when the backup was made by a job of another
+    shape (other workers or replicas): replicated state restores as it is, sharded state is resharded
+    by the state's ``load``,
     but what each worker and replica reads, and their random streams, are split another way. The
     strategy's name alone (e.g. none vs OneDevice) changes nothing."""
     made = dict(manifest.topology)
+    layouts = (made.get("layout", REPLICATED), live.get("layout", REPLICATED))
+    if "layout" in live and layouts[0] != layouts[1]:
+        raise IncompatibleBackupError(
+            f"The backup in {backup_dir} holds {layouts[0]} state (written with the {made.get('strategy')} "
+            f"strategy); this job's {live.get('strategy')} strategy loads {layouts[1]} state, so nothing was "
+            f"loaded. Expected a backup of the same kind of strategy: resume with the {made.get('strategy')} "
+            "strategy, or delete the backup (`unified-backup delete BACKUP_DIR`) to start fresh."
+        )
     if not made or not live or all(made.get(key) == live.get(key) for key in _SHAPE):
         return
     restored = (
-        "sharded across this job's processes as the state loads"
-        if made.get("layout") == "sharded"
-        else "the same on every replica and are restored as they are"
+        "The weights and optimizer state are resharded to this job's processes as they load, the counters "
+        "restored as they are"
+        if layouts[0] == SHARDED
+        else "The weights, optimizer state and counters are the same on every replica and are restored as "
+        "they are"
     )
     log.warning(
-        "The backup in %s was made by a job of another shape (%s) than this one (%s). The weights, "
-        "optimizer state and counters are %s; not exact: how the input is split across workers and "
-        "replicas, and per-worker random streams, so the resumed run may differ from an uninterrupted "
-        "run of either shape.",
+        "The backup in %s was made by a job of another shape (%s) than this one (%s). %s; not exact: how "
+        "the input is split across workers and replicas, and per-worker random streams, so the resumed "
+        "run may differ from an uninterrupted run of either shape.",
         backup_dir,
         _shape(made),
         _shape(live),

@@ -15,6 +15,8 @@ from typing import Protocol
 from unified_backup.coordinator import Coordinator
 from unified_backup.manifest import Counters, Manifest
 
+SHARDED, REPLICATED = "sharded", "replicated"  # a topology's "layout": how the state lies across processes
+
 
 @dataclasses.dataclass(frozen=True)
 class Position(Counters):

@@ -20,6 +20,7 @@ from unified_backup import (
     NoBackupError,
     Position,
     Slot,
+    UnsupportedEnvironmentError,
     UnsupportedFormatError,
 )
 from unified_backup.lock import LOCK_NAME
@@ -486,8 +487,11 @@ def test_a_sharded_state_is_written_by_every_process_into_one_commit_and_verifie
     assert [p.name for p in backup_dir.iterdir() if p.is_dir()] == [manifests[0].payload]  # no scratch
 
     def resume(rank, coordinator):
-        state = ShardedState()
-        Lifecycle(BackupOptions(backup_dir)).start(state, coordinator)
+        state, lifecycle = ShardedState(), Lifecycle(BackupOptions(backup_dir))
+        try:
+            lifecycle.start(state, coordinator)
+        finally:
+            lifecycle.finish(success=False)
         return state
 
     assert [state.weights for state in on_threads(2, resume)] == [b"part 0", b"part 1"]
@@ -495,3 +499,54 @@ def test_a_sharded_state_is_written_by_every_process_into_one_commit_and_verifie
     shard.write_bytes(b"part 9")  # same size, other bytes
     refused = on_threads(2, resume)
     assert all(isinstance(error, CorruptBackupError) and "shard-1.bin" in str(error) for error in refused)
+
+
+def test_a_process_that_does_not_see_the_primarys_staging_folder_stops_every_process(committed):
+    """Sharded state on a backup_dir that is not shared: rank 1 would write where no one commits."""
+    elsewhere = committed / "payload-20260101T000000-0000abcd"  # as rank 0 made it, not seen here
+    chosen = {"manifest": None, "refused": None}
+    rank1 = Rank1(broadcasts=[{"value": chosen}, {"value": None}, {"value": str(elsewhere)}], gathers=[None])
+    lifecycle = Lifecycle(BackupOptions(committed))
+    lifecycle.start(ShardedState(), rank1)
+    with pytest.raises(UnsupportedEnvironmentError, match="filesystem every process sees"):
+        lifecycle.boundary(Position.epoch_end(3, 24), epoch_end=True)
+    assert not elsewhere.exists()  # no local copy made
+
+
+class LaidOutState(FakeState):
+    def __init__(self, layout: str | None) -> None:
+        super().__init__()
+        self.topology = {"strategy": "S", "workers": 1, "replicas": 1} | (
+            {"layout": layout} if layout else {}
+        )
+
+
+def test_a_backup_of_another_layout_is_refused_before_anything_loads(backup_dir):
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir)), LaidOutState("sharded")
+    lifecycle.start(state)
+    epoch_end(lifecycle, state, b"shards", Counters(1, 0, 8))
+    lifecycle.finish(success=False)
+    replicated = LaidOutState("replicated")
+    with pytest.raises(
+        IncompatibleBackupError, match="holds sharded state .* loads replicated state, so nothing"
+    ):
+        Lifecycle(BackupOptions(backup_dir)).start(replicated)
+    assert replicated.loads == 0 and Slot(backup_dir).read_manifest().topology["layout"] == "sharded"
+    unrecorded = LaidOutState(None)  # a state that records no layout (Keras) is not compared
+    lifecycle = Lifecycle(BackupOptions(backup_dir))
+    lifecycle.start(unrecorded)
+    lifecycle.finish(success=False)
+    assert unrecorded.loads == 1
+    sharded = LaidOutState("sharded")
+    Lifecycle(BackupOptions(backup_dir)).start(sharded)
+    assert sharded.loads == 1
+
+
+def test_stats_time_the_restore_of_a_backup_and_only_then(committed):
+    lifecycle = Lifecycle(BackupOptions(committed))
+    lifecycle.start(FakeState())
+    assert 0 < lifecycle.stats.restore_seconds < 60 and lifecycle.stats.backups == 0
+    lifecycle.finish(success=True)
+    lifecycle.start(FakeState())  # nothing left to restore
+    assert lifecycle.stats.restore_seconds == 0.0
+    lifecycle.finish(success=True)

@@ -145,6 +145,7 @@ def main() -> int:
     )
     parser.add_argument("--devices", type=int, default=2, choices=[1, 2])
     parser.add_argument("--ckpt-path", help="passed to fit(ckpt_path=...)")
+    parser.add_argument("--on-write-error", default="raise", choices=["raise", "warn"])
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     parser.add_argument("--num-nodes", type=int, default=1, choices=[1, 2])
     parser.add_argument("--namespace", default="lightning.pytorch", choices=sorted(NAMESPACES))
@@ -159,6 +160,7 @@ def main() -> int:
             save_freq=args.save_freq,
             save_before_preemption=["SIGTERM", args.signal] if preempt else False,
             keep_previous=args.keep_previous,
+            on_write_error=args.on_write_error,
         )
         if args.backup_dir
         else None

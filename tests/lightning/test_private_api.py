@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from lightning_impl import _private
+from lightning_impl.state import check_strategy
 from tests.lightning.helpers import NAMESPACES, fit, new_model, weights
-from unified_backup import BackupError
+from unified_backup import BackupError, UnsupportedEnvironmentError
 
 pytestmark = pytest.mark.lightning
 
@@ -291,6 +292,13 @@ def test_sharded_checkpoints_are_model_parallels_with_their_pickled_part_in_meta
         CHANGED + "ModelParallelStrategy was renamed or no longer restores checkpoints after setup."
     )
     assert not _private.is_model_parallel(ns.strategies.DDPStrategy())
+    full = ns.strategies.ModelParallelStrategy(save_distributed_checkpoint=False)
+    assert _private.saves_full_state(full) and not _private.saves_full_state(strategy), (
+        CHANGED
+        + "ModelParallelStrategy no longer keeps save_distributed_checkpoint as _save_distributed_checkpoint."
+    )
+    with pytest.raises(UnsupportedEnvironmentError, match=r"Pass save_distributed_checkpoint=True"):
+        check_strategy(full)  # its backups would be one file, gathered on rank 0
     fabric = {"lightning.pytorch": "lightning.fabric", "pytorch_lightning": "lightning_fabric"}[namespace]
     metadata = importlib.import_module(
         f"{fabric}.strategies.model_parallel"

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.faults import fill, tmpfs
 from tests.harness import Worker, can_isolate
 from tests.lightning.helpers import NAMESPACES, fit, new_model, stand_in_scontrol
 from unified_backup import Slot
@@ -527,7 +528,7 @@ def test_fsdp2_shards_commit_once_are_verified_before_any_rank_loads_and_resume_
             rank["error"].startswith("CorruptBackupError: ")
             and "__1_0.distcp fails its sha256" in rank["error"]
         )
-        assert "start_step" not in rank  # never trained
+        assert "start_step" not in rank and "loads" not in rank  # never loaded, never trained
     assert shard.read_bytes() == bytes(flipped) and (damaged / "manifest.json").exists()
     user_checkpoint = tmp_path / "user.ckpt"  # a Lightning checkpoint of step 6, for fit(ckpt_path=...)
     shutil.copytree(slot.payload_dir(manifest) / "state", user_checkpoint)
@@ -603,3 +604,33 @@ def test_a_backup_of_the_other_layout_is_refused_on_every_rank_and_left_intact(t
             )
         assert (backup_dir / "manifest.json").read_bytes() == committed
         Slot(backup_dir).verify(Slot(backup_dir).read_manifest())
+
+
+@multiprocess
+def test_a_full_disk_during_a_sharded_backup_is_a_write_error_on_every_rank(tmp_path):
+    """The shards of a failed backup never replace the committed ones; on_write_error='warn' trains on."""
+    with tmpfs(tmp_path / "mnt", "4m") as mount:
+        backup_dir = mount / "b"
+        options = (*SHARDED, "--save-freq", "3", "--backup-dir", str(backup_dir))
+        ddp(tmp_path / "interrupted", *options, "--interrupt", "1,3", exit_code=3)
+        slot = Slot(backup_dir)
+        before = slot.read_manifest()
+        fill(mount)
+
+        stopped = ddp(tmp_path / "stopped", *options, "--seed", "1", exit_code=3)
+        for rank in stopped:
+            assert (
+                rank["error"].startswith("BackupWriteError: ") and "No space left on device" in rank["error"]
+            )
+            assert "still committed and intact" in rank["error"] and rank["global_step"] == 9
+        assert slot.read_manifest() == before
+        slot.verify(before)
+
+        warned = tmp_path / "warned"
+        result = run(ddp_argv(warned, *options, "--seed", "2", "--on-write-error", "warn"), timeout=180)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stderr.count("Backup skipped") >= 2  # steps 9 and 12 (or the epoch end), rank 0's log
+        for r in range(2):
+            rank = json.loads((warned / f"rank{r}.json").read_text())
+            assert (rank["error"], rank["restored_epoch"], rank["global_step"]) == (None, 1, 12)
+        assert not backup_dir.exists()  # fit ended well: deleted
