@@ -23,7 +23,6 @@ loads with ``weights_only=True``, and a sharded folder is loaded only once
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from unified_backup.errors import (
     UnsupportedEnvironmentError,
 )
 from unified_backup.fingerprint import describe
+from unified_backup.hashing import HashingWriter
 from unified_backup.manifest import Manifest
 from unified_backup.state import REPLICATED, SHARDED, Position
 
@@ -129,8 +129,9 @@ class LightningState:
     def fingerprint(self) -> Mapping[str, str]:
         return fingerprint(self.trainer)
 
-    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
+    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> dict[str, str] | None:
         """Write the checkpoint of ``position``; the first of a ``fit`` is also checked to be safely loadable.
+        Returns the checksum of the file computed while writing it (replicated state, primary).
 
         NOTE: every rank builds the checkpoint (callbacks' states, a gather of every rank's RNG
         states). Replicated state: only the primary writes the file. Sharded state: every rank writes
@@ -146,12 +147,13 @@ class LightningState:
         target = directory / (FOLDER if self.sharded else FILENAME)
         outcome: dict[str, Any] = {"path": str(target)}
         failure: BaseException | None = None
+        checksums = None
         if self.sharded or coordinator.is_primary:
             try:
                 if self.sharded:
                     _write_shards(checkpoint, target, coordinator.is_primary)
                 else:
-                    _write(checkpoint, target)
+                    checksums = {FILENAME: _write(checkpoint, target)}
                 if coordinator.is_primary and not self._checked:
                     outcome["unsafe"] = _refused_by_safe_load(target)
             except Exception as exc:  # the other ranks wait for the outcome: they must hear of it
@@ -179,6 +181,7 @@ class LightningState:
                 "other objects (paths, numpy values, custom classes) out of save_hyperparameters() and of "
                 "callback state_dict()s, or convert them to plain types."
             )
+        return checksums
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         """Restore model, datamodule and callbacks now; Lightning restores the rest after ``on_fit_start``.
@@ -232,19 +235,19 @@ class LightningState:
         self.exact.train_start(self.trainer)
 
 
-def _write(checkpoint: dict[str, Any], path: Path) -> None:
+def _write(checkpoint: dict[str, Any], path: Path) -> str:
     """(primary) Write the checkpoint as Lightning's default ``TorchCheckpointIO`` does, minus its
-    whole-state buffer and its temporary file in ``$TMPDIR``. Always ``torch.save``, whatever
-    ``CheckpointIO`` plugin the trainer has: a plugin may write later (``AsyncCheckpointIO``) or
-    elsewhere, and the core checksums the file as soon as this returns."""
-    with open(path, "wb") as f:
-        sink = _Sink(f)
+    whole-state buffer and its temporary file in ``$TMPDIR``, checksummed on the way; the checksum.
+    Always ``torch.save``, whatever ``CheckpointIO`` plugin the trainer has: a plugin may write later
+    (``AsyncCheckpointIO``) or elsewhere, and the core commits the file as soon as this returns."""
+    with open(path, "wb") as f, HashingWriter(f) as sink:
         try:
             torch.save(checkpoint, sink)  # type: ignore[arg-type]  # any object with write()
         except RuntimeError as exc:  # torch reports a failed write (e.g. a full disk) as its own error
             if sink.error is not None:
                 raise sink.error from exc
             raise
+        return sink.hexdigest()
 
 
 def _write_shards(checkpoint: dict[str, Any], path: Path, primary: bool) -> None:
@@ -274,25 +277,6 @@ def _causes(exc: CheckpointException) -> list[BaseException]:
 def _first_cause(exc: CheckpointException) -> str:
     causes = _causes(exc)
     return f"{type(causes[0]).__name__}: {causes[0]}" if causes else str(exc)
-
-
-class _Sink(io.RawIOBase):
-    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write (torch replaces it)."""
-
-    def __init__(self, file: Any) -> None:
-        super().__init__()
-        self._file = file
-        self.error: OSError | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
 
 
 def _refused_by_safe_load(path: Path) -> str | None:

@@ -323,8 +323,11 @@ class Lifecycle:
         target = staged if shared else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
         failure = _attempt(lambda: _make_folder(target, made=coordinator.is_primary or not shared))
         report = self._agree(fit, failure)  # every process has its folder, or none saves
+        checksums: list[Mapping[str, str] | None] = [None]
         if report is None:  # save makes its collectives before any write that can fail (see TrainingState)
-            failure = _attempt(lambda: fit.state.save(target, position, coordinator))
+            failure = _attempt(
+                lambda: checksums.__setitem__(0, fit.state.save(target, position, coordinator))
+            )
             report = self._agree(fit, failure)  # all commit, or none does (replaces a barrier)
         if coordinator.is_primary and report is not None:
             self.slot.discard(staged)
@@ -332,7 +335,9 @@ class Lifecycle:
             shutil.rmtree(target, ignore_errors=True)
         if report is None:
             return Manifest.from_json(
-                self._on_primary("Committing the backup", lambda: self._commit(fit, staged, position))
+                self._on_primary(
+                    "Committing the backup", lambda: self._commit(fit, staged, position, checksums[0])
+                )
             )
         if not report["os"]:  # not a write error: every process stops, whatever on_write_error says
             raise _raised(report, failure, coordinator.rank) from failure
@@ -343,13 +348,15 @@ class Lifecycle:
             f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
         ) from failure
 
-    def _commit(self, fit: _Fit, staged: Path, position: Position) -> str:
-        """(primary) Commit the staged payload; the manifest's JSON."""
+    def _commit(
+        self, fit: _Fit, staged: Path, position: Position, checksums: Mapping[str, str] | None
+    ) -> str:
+        """(primary) Commit the staged payload, with the checksums the state computed; the manifest JSON."""
         state = fit.state
         header = Header(
             state.framework, state.framework_version, position.counters, state.fingerprint(), _topology(state)
         )
-        return self.slot.commit(staged, header).to_json()
+        return self.slot.commit(staged, header, checksums).to_json()
 
     def _stage(self) -> str:
         try:

@@ -12,7 +12,8 @@ Layout (every name here is the library's; anything else in the folder is the use
 
 Commit order (:meth:`Slot.commit`):
     1. the adapter has written the payload into a fresh ``payload-<id>/`` (:meth:`Slot.stage`);
-    2. every payload file is read once to checksum it, and fsynced; its folders are fsynced;
+    2. every payload file is read once to checksum it (unless the adapter checksummed it while
+       writing it: :mod:`unified_backup.hashing`), and fsynced; its folders are fsynced;
     3. the manifest is written to a temporary file and fsynced;
     3b. with ``keep_previous``, the committed manifest's bytes become ``manifest.previous.json``
         (temporary file, fsync, rename, fsync of ``backup_dir``);
@@ -33,6 +34,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
@@ -135,13 +137,21 @@ class Slot:
         path.mkdir()
         return path
 
-    def commit(self, staged: Path, header: Header) -> Manifest:
-        """Make ``staged`` the committed backup, atomically and durably (see the module docstring)."""
+    def commit(self, staged: Path, header: Header, checksums: Mapping[str, str] | None = None) -> Manifest:
+        """Make ``staged`` the committed backup, atomically and durably (see the module docstring).
+
+        ``checksums``: of payload files (relative names) computed as they were written; those are
+        only made durable, not read again.
+        """
+        known = dict(checksums or {})
         try:
             files = {}
             for name in sorted(_relative_files(staged)):
                 path = staged / name
-                files[name] = FileEntry(path.stat().st_size, checksum_file(path, sync=True))
+                if name in known:
+                    sync_file(path)
+                digest = known[name] if name in known else checksum_file(path, sync=True)
+                files[name] = FileEntry(path.stat().st_size, digest)
             for folder, _, _ in os.walk(staged):
                 fsync_dir(Path(folder))
             fsync_dir(self.directory)  # the staging folder's own entry
@@ -352,6 +362,15 @@ def checksum_file(path: Path, *, sync: bool) -> str:
         if sync:
             os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file, written by this process or another, to stable storage without reading it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

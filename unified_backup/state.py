@@ -74,8 +74,12 @@ class TrainingState(Protocol):
     def fingerprint(self) -> Mapping[str, str]:
         """``{variable name: "dtype[shape]"}`` of model and optimizer (see :mod:`fingerprint`)."""
 
-    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> None:
-        """Write the training state at ``position`` into the empty ``directory``."""
+    def save(self, directory: Path, position: Position, coordinator: Coordinator) -> Mapping[str, str] | None:
+        """Write the training state at ``position`` into the empty ``directory``.
+
+        May return the checksums of files it computed while writing them (``{relative name:
+        digest}``, see :mod:`unified_backup.hashing`): the commit then does not read them again.
+        """
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         """Restore the training state from a verified, compatible backup."""

@@ -1,0 +1,363 @@
+"""Backup and restore speed, side by side in one run: our adapters against the anchors and the disk.
+
+    python benchmarks/backup_speed.py [--sizes 10 200] [--repeats 5] [--methods ...]
+                                      [--json FILE] [--plot FILE.png] [--dir DIR]
+
+Every (method, size) runs in a fresh process, one after the other, on the same disk (``--dir``,
+default the system temp dir). The state is a model whose weights and Adam moments together are
+``size`` MB (one square dense layer). Methods:
+
+    floor                 write the same bytes with numpy and fsync (and, for restore, read them back)
+    keras                 our BackupAndRestore, Keras 3, save_freq=1: per backup, durable and checksummed
+    keras-builtin         keras.callbacks.BackupAndRestore(save_freq=1) (no fsync, no checksum)
+    tf-checkpointmanager  tf.train.CheckpointManager.save of the same model and optimizer
+    lightning             our BackupAndRestore, Lightning, save_freq=1
+    lightning-save        Trainer.save_checkpoint (no fsync, no checksum)
+
+For each: the median time of a backup over ``--repeats`` steps, its ratio to the floor, the extra
+peak memory during a backup (resident memory sampled every millisecond, above what it was when the
+backup began), and for ours and the floor the restore time (verification included) and its ratio
+to a raw read of the same bytes. The table is printed as markdown; ``--json`` writes every sample;
+``--plot`` draws time against size for every method (needs matplotlib).
+Figures depend on the machine and its disk: compare ratios measured in one run, never across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("floor", "keras", "keras-builtin", "tf-checkpointmanager", "lightning", "lightning-save")
+OURS = ("keras", "lightning")
+MB = 1 << 20
+
+
+# -- measuring, inside one fresh process -------------------------------------------------------
+class PeakMemory:
+    """Resident memory sampled every millisecond in a thread; :meth:`extra` over a marked interval."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._lock = threading.Lock()
+        self._interval = 0  # counts begin() calls: a sample read before one is dropped
+        self._start = self._peak = 0
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while self._running:
+            interval, value = self._interval, self.rss()
+            with self._lock:
+                if interval == self._interval:
+                    self._peak = max(self._peak, value)
+            time.sleep(0.001)
+
+    def begin(self) -> None:
+        with self._lock:
+            self._interval += 1
+            self._start = self._peak = self.rss()
+
+    def extra(self) -> int:
+        """Peak resident memory above the value at :meth:`begin`."""
+        with self._lock:
+            return max(self._peak, self.rss()) - self._start
+
+    def stop(self) -> None:
+        self._running = False
+
+
+def side(size_mb: float) -> int:
+    """Width of the square dense layer whose weights and two Adam moments hold ``size_mb`` MB (float32)."""
+    return max(8, int((size_mb * MB / 4 / 3) ** 0.5))
+
+
+def measure_floor(size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 255, int(size_mb * MB), dtype=np.uint8)
+    memory = PeakMemory()
+    backups, restores, extras = [], [], []
+    for i in range(repeats):
+        path = work / f"floor-{i}.bin"
+        memory.begin()
+        began = time.perf_counter()
+        with open(path, "wb") as f:
+            data.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        backups.append(time.perf_counter() - began)
+        extras.append(memory.extra())
+        began = time.perf_counter()
+        back = np.fromfile(path, dtype=np.uint8)
+        restores.append(time.perf_counter() - began)
+        assert back.nbytes == data.nbytes
+        path.unlink()
+    memory.stop()
+    return {"bytes": data.nbytes, "backup_s": backups, "restore_s": restores, "extra_bytes": extras}
+
+
+def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool) -> dict[str, Any]:
+    import lightning.pytorch as L
+    import torch
+
+    from lightning_impl import BackupAndRestore
+
+    torch.set_num_threads(1)
+    width = side(size_mb)
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(width, width, bias=False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        def train_dataloader(self) -> Any:  # longer than the run: every measured backup is a step's
+            x = torch.zeros(repeats + 3, width)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=1)
+
+    memory = PeakMemory()
+    samples: dict[str, list[float]] = {"backup_s": [], "extra_bytes": []}
+
+    began = [0.0]
+
+    class Around(L.Callback):
+        """Marks the begin of the batch-end hooks (listed first) and their end (listed last)."""
+
+        def __init__(self, end: bool) -> None:
+            self.end = end
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if not self.end:
+                memory.begin()
+                began[0] = time.perf_counter()
+                if builtin and trainer.global_step > 1:  # the anchor: Lightning's own save
+                    trainer.save_checkpoint(work / f"lightning-{trainer.global_step}.ckpt")
+            elif trainer.global_step > 1:  # the first backup also checks loadability: not counted
+                samples["backup_s"].append(time.perf_counter() - began[0])
+                samples["extra_bytes"].append(memory.extra())
+
+    backup_dir = work / "lightning-backup"
+    callbacks: list[Any] = [Around(end=False)]
+    if not builtin:
+        callbacks.append(BackupAndRestore(backup_dir, save_freq=1, delete_checkpoint=False))
+    callbacks.append(Around(end=True))
+    trainer = L.Trainer(
+        max_steps=repeats + 1, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Model())
+    result: dict[str, Any] = {"bytes": _state_bytes(width), **samples}
+    if not builtin:
+        restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
+        again = L.Trainer(
+            max_steps=repeats + 1, callbacks=[restore], accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        again.fit(Model())
+        result["restore_s"] = [restore.stats.restore_seconds]
+    memory.stop()
+    return result
+
+
+def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict[str, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_impl import BackupAndRestore
+
+    width = side(size_mb)
+    memory = PeakMemory()
+    samples: dict[str, list[float]] = {"backup_s": [], "extra_bytes": []}
+
+    def build() -> Any:
+        model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width, use_bias=False)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        return model
+
+    def timed(call: Callable[[], Any], step: int) -> None:
+        memory.begin()
+        began = time.perf_counter()
+        call()
+        if step > 1:  # the first backup also builds what later ones reuse: not counted
+            samples["backup_s"].append(time.perf_counter() - began)
+            samples["extra_bytes"].append(memory.extra())
+
+    model = build()
+    x = np.zeros((repeats + 1, width), np.float32)
+    backup_dir = work / "keras-backup"
+    callbacks: list[Any] = []
+    ours = None
+    if method == "keras":
+        ours = BackupAndRestore(backup_dir, save_freq=1, delete_checkpoint=False)
+        seen: list[float] = []
+
+        class Deltas(keras.callbacks.Callback):  # ours runs after every other callback: read its stats
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                self._mark(batch)
+
+            def on_train_end(self, logs: Any = None) -> None:
+                self._mark(repeats + 1)
+
+            def _mark(self, batch: int) -> None:
+                seen.append(ours.stats.seconds)
+                if batch > 1:
+                    samples["backup_s"].append(seen[-1] - seen[-2])
+                    samples["extra_bytes"].append(memory.extra())
+                memory.begin()
+
+        callbacks = [ours, Deltas()]
+    elif method == "keras-builtin":
+
+        class Timed(keras.callbacks.BackupAndRestore):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                timed(lambda: super(Timed, self).on_train_batch_end(batch, logs), batch + 1)
+
+        callbacks = [Timed(str(backup_dir), save_freq=1, delete_checkpoint=False)]
+    else:
+        manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer), str(backup_dir), max_to_keep=1
+        )
+
+        class Manager(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                timed(manager.save, batch + 1)
+
+        callbacks = [Manager()]
+    model.fit(x, x, batch_size=1, epochs=1, callbacks=callbacks, verbose=0)
+    result: dict[str, Any] = {"bytes": _state_bytes(width), **samples}
+    if ours is not None:
+        restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
+        build().fit(x, x, batch_size=1, epochs=1, callbacks=[restore], verbose=0)
+        result["restore_s"] = [restore.stats.restore_seconds]
+    memory.stop()
+    return result
+
+
+def _state_bytes(width: int) -> int:
+    return 3 * 4 * width * width  # weights and two Adam moments, float32
+
+
+def child(method: str, size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
+    if method == "floor":
+        return measure_floor(size_mb, repeats, work)
+    if method.startswith("lightning"):
+        return measure_lightning(size_mb, repeats, work, builtin=method == "lightning-save")
+    return measure_keras(size_mb, repeats, work, method)
+
+
+# -- the side-by-side run ------------------------------------------------------------------------
+def run_one(method: str, size_mb: float, repeats: int, root: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        argv = [sys.executable, __file__, "--child", method, str(size_mb), "--repeats", str(repeats)]
+        done = subprocess.run(
+            [*argv, "--dir", work],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"{method} at {size_mb} MB failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    floors = {r["size_mb"]: r for r in results if r["method"] == "floor"}
+    lines = [
+        "| size | method | backup (median s) | x floor | extra peak (x state) | restore (s) | x raw read |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        floor = floors.get(r["size_mb"])
+        backup = statistics.median(r["backup_s"])
+        ratio = f"{backup / statistics.median(floor['backup_s']):.2f}" if floor else "-"
+        extra = f"{max(r['extra_bytes']) / r['bytes']:.2f}"
+        restore, read = "-", "-"
+        if r.get("restore_s"):
+            restore = f"{statistics.median(r['restore_s']):.3f}"
+            if floor:
+                read = f"{statistics.median(r['restore_s']) / statistics.median(floor['restore_s']):.2f}"
+        lines.append(
+            f"| {r['size_mb']:g} MB | {r['method']} | {backup:.4f} | {ratio} | {extra} | {restore} | {read} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["size_mb"])
+        axes.plot(
+            [r["size_mb"] for r in rows],
+            [statistics.median(r["backup_s"]) for r in rows],
+            marker="o",
+            label=method,
+        )
+    axes.set(xscale="log", yscale="log", xlabel="state (MB)", ylabel="backup time (s, median)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[10, 200], help="state sizes in MB")
+    parser.add_argument("--repeats", type=int, default=5, help="backups measured per method and size")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where files are written"
+    )
+    parser.add_argument("--json", type=Path, help="write every sample here")
+    parser.add_argument("--plot", type=Path, help="draw time against size here (PNG)")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "MB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, size = args.child
+        print(json.dumps(child(method, float(size), args.repeats, args.dir)))
+        return 0
+    methods = ["floor", *(m for m in args.methods if m != "floor")]
+    results = []
+    for size in args.sizes:
+        for method in methods:
+            result = run_one(method, size, args.repeats, args.dir)
+            results.append({"method": method, "size_mb": size, **result})
+            print(f"{method} at {size:g} MB: {statistics.median(result['backup_s']):.4f} s", file=sys.stderr)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
