@@ -1,11 +1,12 @@
 """Backup and restore speed, side by side in one run: our adapters against the anchors and the disk.
 
-    python benchmarks/backup_speed.py [--sizes 10 200] [--repeats 5] [--methods ...]
+    python benchmarks/backup_speed.py [--sizes 10 200] [--repeats 5] [--layers 1] [--methods ...]
                                       [--json FILE] [--plot FILE.png] [--dir DIR]
 
 Every (method, size) runs in a fresh process, one after the other, on the same disk (``--dir``,
 default the system temp dir). The state is a model whose weights and Adam moments together are
-``size`` MB (one square dense layer). Methods:
+``size`` MB: ``--layers`` square dense layers without bias (one by default; many small tensors
+cost more per byte). Methods:
 
     floor                 write the same bytes with numpy and fsync (and, for restore, read them back)
     keras                 our BackupAndRestore, Keras 3, save_freq=1: per backup, durable and checksummed
@@ -14,11 +15,13 @@ default the system temp dir). The state is a model whose weights and Adam moment
     lightning             our BackupAndRestore, Lightning, save_freq=1
     lightning-save        Trainer.save_checkpoint (no fsync, no checksum)
 
-For each: the median time of a backup over ``--repeats`` steps, its ratio to the floor, the extra
-peak memory during a backup (resident memory sampled every millisecond, above what it was when the
-backup began), and for ours and the floor the restore time (verification included) and its ratio
-to a raw read of the same bytes. The table is printed as markdown; ``--json`` writes every sample;
-``--plot`` draws time against size for every method (needs matplotlib).
+For each: the median time of a backup over ``--repeats`` steps (each method's first backup or save
+is a warm-up and not counted: ours checks it once per fit for objects it could not load safely),
+its ratio to the floor, the extra peak memory during a backup (resident memory sampled about every
+millisecond, above what it was when the backup began: a lower bound, short peaks can be missed),
+and for ours and the floor the restore time (one restore for ours, verification included) and its
+ratio to a raw read of the same bytes (page cache, so noisy). The table is printed as markdown;
+``--json`` writes every sample; ``--plot`` draws time against size for every method (matplotlib).
 Figures depend on the machine and its disk: compare ratios measured in one run, never across runs.
 """
 
@@ -82,9 +85,9 @@ class PeakMemory:
         self._running = False
 
 
-def side(size_mb: float) -> int:
-    """Width of the square dense layer whose weights and two Adam moments hold ``size_mb`` MB (float32)."""
-    return max(8, int((size_mb * MB / 4 / 3) ** 0.5))
+def side(size_mb: float, layers: int = 1) -> int:
+    """Width of ``layers`` square dense layers whose weights and two Adam moments hold ``size_mb`` MB."""
+    return max(8, int((size_mb * MB / 4 / 3 / layers) ** 0.5))
 
 
 def measure_floor(size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
@@ -112,19 +115,21 @@ def measure_floor(size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
     return {"bytes": data.nbytes, "backup_s": backups, "restore_s": restores, "extra_bytes": extras}
 
 
-def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool) -> dict[str, Any]:
+def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool, layers: int) -> dict[str, Any]:
     import lightning.pytorch as L
     import torch
 
     from lightning_impl import BackupAndRestore
 
     torch.set_num_threads(1)
-    width = side(size_mb)
+    width = side(size_mb, layers)
 
     class Model(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.layer = torch.nn.Linear(width, width, bias=False)
+            self.layer = torch.nn.Sequential(
+                *(torch.nn.Linear(width, width, bias=False) for _ in range(layers))
+            )
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.layer(batch[0]).square().mean()
@@ -151,7 +156,7 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool) -
             if not self.end:
                 memory.begin()
                 began[0] = time.perf_counter()
-                if builtin and trainer.global_step > 1:  # the anchor: Lightning's own save
+                if builtin:  # the anchor: Lightning's own save (the first, at step 1, not counted)
                     trainer.save_checkpoint(work / f"lightning-{trainer.global_step}.ckpt")
             elif trainer.global_step > 1:  # the first backup also checks loadability: not counted
                 samples["backup_s"].append(time.perf_counter() - began[0])
@@ -167,7 +172,7 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool) -
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Model())
-    result: dict[str, Any] = {"bytes": _state_bytes(width), **samples}
+    result: dict[str, Any] = {"bytes": _state_bytes(width, layers), **samples}
     if not builtin:
         restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
         again = L.Trainer(
@@ -180,7 +185,7 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool) -
     return result
 
 
-def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict[str, Any]:
+def measure_keras(size_mb: float, repeats: int, work: Path, method: str, layers: int) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
@@ -189,12 +194,13 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict
 
     from keras_impl import BackupAndRestore
 
-    width = side(size_mb)
+    width = side(size_mb, layers)
     memory = PeakMemory()
     samples: dict[str, list[float]] = {"backup_s": [], "extra_bytes": []}
 
     def build() -> Any:
-        model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width, use_bias=False)])
+        dense = [keras.layers.Dense(width, use_bias=False) for _ in range(layers)]
+        model = keras.Sequential([keras.Input((width,)), *dense])
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
         return model
 
@@ -212,24 +218,13 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict
     callbacks: list[Any] = []
     ours = None
     if method == "keras":
-        ours = BackupAndRestore(backup_dir, save_freq=1, delete_checkpoint=False)
-        seen: list[float] = []
 
-        class Deltas(keras.callbacks.Callback):  # ours runs after every other callback: read its stats
-            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-                self._mark(batch)
+        class TimedOurs(BackupAndRestore):  # the whole hook, as for the other methods
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                timed(lambda: super(TimedOurs, self).on_train_batch_end(batch, logs), batch + 1)
 
-            def on_train_end(self, logs: Any = None) -> None:
-                self._mark(repeats + 1)
-
-            def _mark(self, batch: int) -> None:
-                seen.append(ours.stats.seconds)
-                if batch > 1:
-                    samples["backup_s"].append(seen[-1] - seen[-2])
-                    samples["extra_bytes"].append(memory.extra())
-                memory.begin()
-
-        callbacks = [ours, Deltas()]
+        ours = TimedOurs(backup_dir, save_freq=1, delete_checkpoint=False)
+        callbacks = [ours]
     elif method == "keras-builtin":
 
         class Timed(keras.callbacks.BackupAndRestore):
@@ -248,7 +243,7 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict
 
         callbacks = [Manager()]
     model.fit(x, x, batch_size=1, epochs=1, callbacks=callbacks, verbose=0)
-    result: dict[str, Any] = {"bytes": _state_bytes(width), **samples}
+    result: dict[str, Any] = {"bytes": _state_bytes(width, layers), **samples}
     if ours is not None:
         restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
         build().fit(x, x, batch_size=1, epochs=1, callbacks=[restore], verbose=0)
@@ -257,28 +252,30 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str) -> dict
     return result
 
 
-def _state_bytes(width: int) -> int:
-    return 3 * 4 * width * width  # weights and two Adam moments, float32
+def _state_bytes(width: int, layers: int) -> int:
+    return 3 * 4 * width * width * layers  # weights and two Adam moments, float32
 
 
-def child(method: str, size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
+def child(method: str, size_mb: float, repeats: int, work: Path, layers: int) -> dict[str, Any]:
     if method == "floor":
         return measure_floor(size_mb, repeats, work)
     if method.startswith("lightning"):
-        return measure_lightning(size_mb, repeats, work, builtin=method == "lightning-save")
-    return measure_keras(size_mb, repeats, work, method)
+        return measure_lightning(size_mb, repeats, work, method == "lightning-save", layers)
+    return measure_keras(size_mb, repeats, work, method, layers)
 
 
 # -- the side-by-side run ------------------------------------------------------------------------
-def run_one(method: str, size_mb: float, repeats: int, root: Path) -> dict[str, Any]:
+def run_one(method: str, size_mb: float, repeats: int, root: Path, layers: int) -> dict[str, Any]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(dir=root) as work:
         argv = [sys.executable, __file__, "--child", method, str(size_mb), "--repeats", str(repeats)]
+        argv += ["--layers", str(layers)]
         done = subprocess.run(
             [*argv, "--dir", work],
             cwd=ROOT,
             capture_output=True,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": path},
         )
     if done.returncode != 0:
         raise SystemExit(f"{method} at {size_mb} MB failed:\n{done.stderr[-3000:]}")
@@ -333,6 +330,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=[10, 200], help="state sizes in MB")
     parser.add_argument("--repeats", type=int, default=5, help="backups measured per method and size")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--layers", type=int, default=1, help="square dense layers the state is split into")
     parser.add_argument(
         "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where files are written"
     )
@@ -342,13 +340,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         method, size = args.child
-        print(json.dumps(child(method, float(size), args.repeats, args.dir)))
+        print(json.dumps(child(method, float(size), args.repeats, args.dir, args.layers)))
         return 0
     methods = ["floor", *(m for m in args.methods if m != "floor")]
     results = []
     for size in args.sizes:
         for method in methods:
-            result = run_one(method, size, args.repeats, args.dir)
+            result = run_one(method, size, args.repeats, args.dir, args.layers)
             results.append({"method": method, "size_mb": size, **result})
             print(f"{method} at {size:g} MB: {statistics.median(result['backup_s']):.4f} s", file=sys.stderr)
     print(table(results))

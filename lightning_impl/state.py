@@ -247,7 +247,10 @@ def _write(checkpoint: dict[str, Any], path: Path) -> str:
             if sink.error is not None:
                 raise sink.error from exc
             raise
-        return sink.hexdigest()
+    size = path.stat().st_size
+    if size != sink.written:  # the checksum covers what was handed over: it must all be in the file
+        raise BackupError(f"{path} has {size} bytes after torch.save wrote {sink.written}.")
+    return sink.hexdigest()
 
 
 def _write_shards(checkpoint: dict[str, Any], path: Path, primary: bool) -> None:

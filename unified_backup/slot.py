@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from unified_backup.errors import BackupWriteError, CorruptBackupError, UnsupportedFormatError
+from unified_backup.errors import BackupError, BackupWriteError, CorruptBackupError, UnsupportedFormatError
 from unified_backup.manifest import (
     CHECKSUM_ALGORITHM,
     FORMAT,
@@ -144,6 +144,12 @@ class Slot:
         only made durable, not read again.
         """
         known = dict(checksums or {})
+        unknown = sorted(set(known) - _relative_files(staged))
+        if unknown:
+            raise BackupError(
+                f"The training state reported checksums of {', '.join(unknown)}, which it did not write into "
+                f"{staged}. This is a bug in the adapter: please report it."
+            )
         try:
             files = {}
             for name in sorted(_relative_files(staged)):

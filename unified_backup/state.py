@@ -79,6 +79,7 @@ class TrainingState(Protocol):
 
         May return the checksums of files it computed while writing them (``{relative name:
         digest}``, see :mod:`unified_backup.hashing`): the commit then does not read them again.
+        Only the primary's are used (it commits); the files of other processes are read.
         """
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:

@@ -2,12 +2,14 @@
 
 import errno
 import hashlib
+import io
+import threading
 
 import numpy as np
 import pytest
 
-from unified_backup import BackupOptions, CorruptBackupError, Counters, Lifecycle, Slot
-from unified_backup.hashing import CHUNK, HashingWriter
+from unified_backup import BackupError, BackupOptions, CorruptBackupError, Counters, Lifecycle, Slot
+from unified_backup.hashing import CHUNK, SMALL, HashingWriter
 
 from .conftest import FakeState, epoch_end
 
@@ -66,3 +68,52 @@ def test_a_buffer_the_caller_reuses_after_write_is_hashed_as_written(tmp_path):
         writer.write(memoryview(buffer)[:10])
         digest = writer.hexdigest()
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Trickle(io.RawIOBase):
+    """An unbuffered file that takes at most 1000 bytes per write, as a raw or network file may."""
+
+    def __init__(self, path):
+        super().__init__()
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        return self._file.write(memoryview(data)[:1000])
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def test_short_writes_are_written_to_the_end_and_counted(tmp_path):
+    data = bytes(range(256)) * 20 + b"x" * (SMALL + 5)
+    with Trickle(tmp_path / "f.bin") as f, HashingWriter(f) as writer:
+        writer.write(data[:5000])
+        writer.write(data[5000:])
+        assert writer.written == len(data)
+        digest = writer.hexdigest()
+    assert (tmp_path / "f.bin").read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
+
+
+def test_small_writes_are_hashed_without_a_helper_thread_and_a_closed_writer_refuses(tmp_path):
+    with open(tmp_path / "f.bin", "wb") as f, HashingWriter(f) as writer:
+        for _ in range(100):
+            writer.write(b"header")
+        assert not [t for t in threading.enumerate() if t.name.startswith("unified-backup-hash")]
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(b"late")
+
+
+def test_a_checksum_of_a_file_the_state_did_not_write_is_an_adapter_bug(backup_dir):
+    class Inventing(FakeState):
+        def save(self, directory, position, coordinator):
+            super().save(directory, position, coordinator)
+            return {"other.bin": "0" * 64}
+
+    lifecycle, state = Lifecycle(BackupOptions(backup_dir)), Inventing()
+    lifecycle.start(state)
+    with pytest.raises(BackupError, match="other.bin, which it did not write"):
+        epoch_end(lifecycle, state, b"w", Counters(1, 0, 8))
