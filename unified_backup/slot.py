@@ -155,22 +155,22 @@ class Slot:
             for name in sorted(_relative_files(staged)):
                 path = staged / name
                 if name in known:
-                    sync_file(path)
+                    fsync_path(path)
                 digest = known[name] if name in known else checksum_file(path, sync=True)
                 files[name] = FileEntry(path.stat().st_size, digest)
             for folder, _, _ in os.walk(staged):
-                fsync_dir(Path(folder))
-            fsync_dir(self.directory)  # the staging folder's own entry
+                fsync_path(Path(folder))
+            fsync_path(self.directory)  # the staging folder's own entry
             manifest = Manifest.commit_record(header, files, staged.name)
             committed, committed_text = self._committed()
             older = self._previous_payload()
             tmp = self._write_tmp(manifest.to_json())
             if self.keep_previous and committed is not None:
                 os.replace(self._write_tmp(committed_text), self.previous_path)
-                fsync_dir(self.directory)  # the previous record is durable before the commit
+                fsync_path(self.directory)  # the previous record is durable before the commit
             elif self.previous_path.exists() and is_our_record(self.previous_path):
                 self.previous_path.unlink()  # a previous record must never name a removed payload
-                fsync_dir(self.directory)
+                fsync_path(self.directory)
             os.replace(tmp, self.manifest_path)  # the commit
         except OSError as exc:
             self.discard(staged)
@@ -182,7 +182,7 @@ class Slot:
         kept = {staged.name, committed if self.keep_previous else None}
         unnamed = {name for name in (committed, older) if name is not None and name not in kept}
         try:
-            fsync_dir(self.directory)
+            fsync_path(self.directory)
             for name in sorted(unnamed):
                 if _PAYLOAD_NAME.fullmatch(name):  # only folders this library made are ever removed
                     shutil.rmtree(self.directory / name)
@@ -201,7 +201,7 @@ class Slot:
     def promote_previous(self) -> None:
         """Make the previous backup the committed one (the newest was refused); one atomic rename."""
         os.replace(self.previous_path, self.manifest_path)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     def remove_leftovers(self, manifest: Manifest | None, previous: Manifest | None = None) -> list[Path]:
         """Delete what neither ``manifest`` (the committed one) nor ``previous`` names.
@@ -223,7 +223,7 @@ class Slot:
                     "write. Move that file out of backup_dir; it should hold only the library's files."
                 )
             self.previous_path.unlink()
-            fsync_dir(self.directory)
+            fsync_path(self.directory)
             removed.append(self.previous_path)
         for entry in self.directory.iterdir():
             staged = is_payload(entry) and entry.name not in keep
@@ -264,7 +264,7 @@ class Slot:
                 continue
             record.unlink()
             removed.append(record.name)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
         for entry in sorted(self.directory.iterdir()):
             if is_payload(entry):
                 shutil.rmtree(entry)
@@ -370,17 +370,8 @@ def checksum_file(path: Path, *, sync: bool) -> str:
     return digest.hexdigest()
 
 
-def sync_file(path: Path) -> None:
-    """Flush a file, written by this process or another, to stable storage without reading it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the folder's entries (creations, renames) durable."""
+def fsync_path(path: Path) -> None:
+    """Make a folder's entries (creations, renames), or a file's bytes, durable, without reading them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
