@@ -14,6 +14,13 @@ cost more per byte). Methods:
     tf-checkpointmanager  tf.train.CheckpointManager.save of the same model and optimizer
     lightning             our BackupAndRestore, Lightning, save_freq=1
     lightning-save        Trainer.save_checkpoint (no fsync, no checksum)
+    keras-async           our Keras backup with async_backup=True: the time training stalls (snapshot)
+    lightning-async       the same for Lightning
+
+The async methods give the time the backup hook held training (the snapshot; each step after it
+waits, untimed, until the background write has committed, as a training step longer than the write
+would), and in the JSON ``writer_s``, the background writer's time per backup. After the table, each
+async stall is given as a fraction of the synchronous backup of the same adapter and size.
 
 For each: the median time of a backup over ``--repeats`` steps (each method's first backup or save
 is a warm-up and not counted: ours checks it once per fit for objects it could not load safely),
@@ -41,7 +48,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("floor", "keras", "keras-builtin", "tf-checkpointmanager", "lightning", "lightning-save")
+METHODS = (
+    "floor", "keras", "keras-async", "keras-builtin", "tf-checkpointmanager", "lightning", "lightning-async",
+    "lightning-save",
+)  # fmt: skip
 OURS = ("keras", "lightning")
 MB = 1 << 20
 
@@ -115,7 +125,20 @@ def measure_floor(size_mb: float, repeats: int, work: Path) -> dict[str, Any]:
     return {"bytes": data.nbytes, "backup_s": backups, "restore_s": restores, "extra_bytes": extras}
 
 
-def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool, layers: int) -> dict[str, Any]:
+def committed(backup_dir: Path, global_step: int, timeout: float = 600.0) -> None:
+    """Wait (untimed) until the backup of ``global_step`` is committed: an async backup's write is done."""
+    from unified_backup import Slot
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        manifest = Slot(backup_dir).read_manifest()
+        if manifest is not None and manifest.global_step >= global_step:
+            return
+        time.sleep(0.002)
+    raise SystemExit(f"the background write of step {global_step} did not commit in {timeout} s")
+
+
+def measure_lightning(size_mb: float, repeats: int, work: Path, method: str, layers: int) -> dict[str, Any]:
     import lightning.pytorch as L
     import torch
 
@@ -123,6 +146,7 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool, l
 
     torch.set_num_threads(1)
     width = side(size_mb, layers)
+    builtin, background = method == "lightning-save", method == "lightning-async"
 
     class Model(L.LightningModule):
         def __init__(self) -> None:
@@ -161,11 +185,14 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool, l
             elif trainer.global_step > 1:  # the first backup also checks loadability: not counted
                 samples["backup_s"].append(time.perf_counter() - began[0])
                 samples["extra_bytes"].append(memory.extra())
+            if self.end and background:
+                committed(backup_dir, trainer.global_step)
 
     backup_dir = work / "lightning-backup"
     callbacks: list[Any] = [Around(end=False)]
     if not builtin:
-        callbacks.append(BackupAndRestore(backup_dir, save_freq=1, delete_checkpoint=False))
+        ours = BackupAndRestore(backup_dir, save_freq=1, delete_checkpoint=False, async_backup=background)
+        callbacks.append(ours)
     callbacks.append(Around(end=True))
     trainer = L.Trainer(
         max_steps=repeats + 1, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
@@ -173,7 +200,9 @@ def measure_lightning(size_mb: float, repeats: int, work: Path, builtin: bool, l
     )  # fmt: skip
     trainer.fit(Model())
     result: dict[str, Any] = {"bytes": _state_bytes(width, layers), **samples}
-    if not builtin:
+    if background:
+        result["writer_s"] = ours.stats.writer_seconds / max(ours.stats.backups, 1)
+    if method == "lightning":
         restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
         again = L.Trainer(
             max_steps=repeats + 1, callbacks=[restore], accelerator="cpu", devices=1, logger=False,
@@ -217,13 +246,16 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str, layers:
     backup_dir = work / "keras-backup"
     callbacks: list[Any] = []
     ours = None
-    if method == "keras":
+    if method in ("keras", "keras-async"):
+        background = method == "keras-async"
 
         class TimedOurs(BackupAndRestore):  # the whole hook, as for the other methods
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
                 timed(lambda: super(TimedOurs, self).on_train_batch_end(batch, logs), batch + 1)
+                if background:
+                    committed(backup_dir, batch + 1)
 
-        ours = TimedOurs(backup_dir, save_freq=1, delete_checkpoint=False)
+        ours = TimedOurs(backup_dir, save_freq=1, delete_checkpoint=False, async_backup=background)
         callbacks = [ours]
     elif method == "keras-builtin":
 
@@ -244,7 +276,9 @@ def measure_keras(size_mb: float, repeats: int, work: Path, method: str, layers:
         callbacks = [Manager()]
     model.fit(x, x, batch_size=1, epochs=1, callbacks=callbacks, verbose=0)
     result: dict[str, Any] = {"bytes": _state_bytes(width, layers), **samples}
-    if ours is not None:
+    if ours is not None and ours.async_backup:
+        result["writer_s"] = ours.stats.writer_seconds / max(ours.stats.backups, 1)
+    elif ours is not None:
         restore = BackupAndRestore(backup_dir, delete_checkpoint=False)
         build().fit(x, x, batch_size=1, epochs=1, callbacks=[restore], verbose=0)
         result["restore_s"] = [restore.stats.restore_seconds]
@@ -260,7 +294,7 @@ def child(method: str, size_mb: float, repeats: int, work: Path, layers: int) ->
     if method == "floor":
         return measure_floor(size_mb, repeats, work)
     if method.startswith("lightning"):
-        return measure_lightning(size_mb, repeats, work, method == "lightning-save", layers)
+        return measure_lightning(size_mb, repeats, work, method, layers)
     return measure_keras(size_mb, repeats, work, method, layers)
 
 
@@ -301,6 +335,16 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['size_mb']:g} MB | {r['method']} | {backup:.4f} | {ratio} | {extra} | {restore} | {read} |"
         )
+    synchronous = {(r["method"], r["size_mb"]): statistics.median(r["backup_s"]) for r in results}
+    for r in results:
+        sync = synchronous.get((r["method"].removesuffix("-async"), r["size_mb"]))
+        if r["method"].endswith("-async") and sync:
+            stall = statistics.median(r["backup_s"])
+            lines.append(
+                f"\n{r['method']} at {r['size_mb']:g} MB: training stalls {stall:.4f} s = "
+                f"{stall / sync:.3f}x the synchronous backup ({sync:.4f} s); the background write takes "
+                f"{r['writer_s']:.4f} s."
+            )
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ def campaign_argv(framework: str, backup_dir: Path, out: Path, args: argparse.Na
         save_freq=args.save_freq,
         hidden=hidden_units(args.state_mb),
         keep_previous=args.keep_previous,
+        async_backup=args.async_backup,
     )
 
 
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(
         "--keep-previous", action="store_true", help="train with keep_previous=True; check the second slot"
+    )
+    parser.add_argument(
+        "--async-backup", action="store_true", help="train with async_backup=True (background writes)"
     )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)

@@ -397,3 +397,74 @@ def cluster_resolver(strategy: Any) -> Any:
     """The strategy's cluster resolver; ParameterServerStrategy keeps it as ``_cluster_resolver``
     (its public ``cluster_resolver`` property reads ``extended``, where PSS has none)."""
     return strategy.cluster_resolver or getattr(strategy, "_cluster_resolver", None)
+
+
+# -- snapshots (async_backup) ----------------------------------------------------------------------
+# TensorFlow's own async checkpoint (CheckpointOptions(experimental_enable_async_checkpoint=True))
+# fails on Keras 3 variables ("tf.function only supports singleton tf.Variables", from
+# keras.src.backend.tensorflow.core.Variable._copy_trackable_to_cpu), so the snapshot is ours: a copy
+# of the object graph through the hooks every trackable implements for tf.train.Checkpoint.
+
+
+class _Frozen(tf.__internal__.tracking.Trackable):  # type: ignore[misc,name-defined]
+    """One trackable of a checkpoint's object graph, as it was: copies of its tensors, frozen children."""
+
+    def __init__(self) -> None:
+        self._frozen_tensors: dict[str, Any] = {}
+        self._frozen_children: dict[str, Any] = {}
+
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        return dict(self._frozen_tensors)
+
+    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any) -> dict[str, Any]:
+        return dict(self._frozen_children)
+
+
+def keeps_slot_variables(optimizer: Any) -> bool:
+    """Whether ``optimizer`` keeps slot variables that a checkpoint saves outside its object graph
+    (``tf_keras.optimizers.legacy``), asked as TensorFlow's ``serialize_slot_variables`` asks."""
+    return "get_slot_names" in dir(optimizer)  # before its first step it has none yet, but will
+
+
+def frozen_checkpoint(checkpoint: tf.train.Checkpoint) -> tf.train.Checkpoint:
+    """A ``tf.train.Checkpoint`` with the object graph of ``checkpoint`` (so it writes the same keys and
+    restores into it) whose every saved tensor is a copy in host memory, taken now: the live variables
+    may change while it is written. Uses ``Trackable._trackable_children`` and ``_serialize_to_tensors``
+    (TensorFlow's protocol for custom trackables) and ``saveable_object_util``; raises ``TypeError`` for
+    a trackable that saves through the legacy ``_gather_saveables_for_checkpoint`` only, and for an
+    optimizer with slot variables (``tf_keras.optimizers.legacy``), which the checkpoint saves apart."""
+    from tensorflow.python.training.saving import saveable_object, saveable_object_util
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, dict):  # {slice spec: tensor}
+            return {key: copied(item) for key, item in value.items()}
+        if isinstance(value, saveable_object.SaveSpec):  # e.g. a variable's read, made at save time
+            value = value.tensor
+        with tf.device("/device:CPU:0"):
+            return tf.raw_ops.DeepCopy(x=value)
+
+    memo: dict[int, tuple[Any, _Frozen]] = {}  # the node too: its id stays its own while frozen
+
+    def freeze(node: Any) -> _Frozen:
+        if id(node) in memo:  # shared (a variable of the model and of model_variables): one node
+            return memo[id(node)][1]
+        frozen = _Frozen()
+        memo[id(node)] = (node, frozen)
+        if saveable_object_util.trackable_has_serialize_to_tensor(node):
+            frozen._frozen_tensors = {
+                key: copied(value) for key, value in node._serialize_to_tensors().items()
+            }
+        elif node._gather_saveables_for_checkpoint():
+            raise TypeError(f"{type(node).__name__} saves through legacy SaveableObjects only")
+        if keeps_slot_variables(node):
+            raise TypeError(
+                f"{type(node).__name__} keeps slot variables outside the object graph (a legacy optimizer)"
+            )
+        children = node._trackable_children(save_type="checkpoint")
+        frozen._frozen_children = {name: freeze(child) for name, child in children.items()}
+        return frozen
+
+    children = checkpoint._trackable_children(save_type="checkpoint")
+    return tf.train.Checkpoint(
+        **{name: freeze(child) for name, child in children.items() if name != "save_counter"}
+    )

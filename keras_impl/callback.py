@@ -64,7 +64,20 @@ class BackupAndRestore(BackupCallback, _private.TfKerasHooks, keras.callbacks.Ca
         callbacks = list(callback_list.callbacks) if callback_list is not None else []
         kind.check_alone(self.model, callbacks)
         distribution = self.model.distribute_strategy
-        strategies.check(distribution, kind, per_epoch=self._options.per_epoch or not self._options.periodic)
+        strategies.check(
+            distribution,
+            kind,
+            per_epoch=self._options.per_epoch or not self._options.periodic,
+            background=self._options.async_backup,
+        )
+        if self._options.async_backup and _private.keeps_slot_variables(self.model.optimizer):
+            name = type(self.model.optimizer).__name__
+            raise UnsupportedEnvironmentError(
+                f"async_backup=True cannot take a snapshot of {name}: a legacy "
+                "optimizer (tf_keras.optimizers.legacy) keeps its slot variables outside the checkpoint's "
+                "object graph. Use the current optimizer (e.g. tf_keras.optimizers.Adam), or pass "
+                "async_backup=False."
+            )
         resume.clear(self.model)  # left by a fit that raised
         state = KerasTrainingState(self.model, kind)
         state.callbacks = [callback for callback in callbacks if callback is not self]

@@ -11,10 +11,11 @@ live object was matched.
 
 from __future__ import annotations
 
+import copy
 import errno
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from unified_backup.errors import (
     BackupWriteError,
     CorruptBackupError,
     IncompatibleBackupError,
+    UnsupportedEnvironmentError,
 )
 from unified_backup.fingerprint import describe
 from unified_backup.manifest import Manifest
@@ -138,22 +140,37 @@ class KerasTrainingState:
         Inside an epoch the host generators saved are those of the epoch's start (the resumed epoch
         draws its order again and replays the skipped batches' draws); at an epoch end, the current ones.
         """
+        extra, callbacks = self._host_state(position, coordinator)
+        _write(self._checkpoint, directory, extra, callbacks)
+
+    def snapshot(self, position: Position, coordinator: Coordinator) -> Callable[[Path], None]:
+        """(``async_backup``, one process) Copy everything ``save`` writes into host memory; the returned
+        call writes the copy, as ``save`` would have, while training goes on."""
+        extra, callbacks = self._host_state(position, coordinator)
+        try:
+            frozen = _private.frozen_checkpoint(self._checkpoint)
+        except TypeError as exc:
+            raise UnsupportedEnvironmentError(
+                f"async_backup=True cannot take a snapshot of this model's state ({exc}). Expected variables "
+                "and trackables that save through tf.train.Checkpoint's current protocol; pass "
+                "async_backup=False."
+            ) from exc
+        return lambda directory: _write(frozen, directory, extra, callbacks)
+
+    def _host_state(self, position: Position, coordinator: Coordinator) -> tuple[rng.Arrays, dict[str, Any]]:
+        """Set the counters to ``position``; the arrays of ``resume_state.npz`` and the callbacks' state.
+
+        Every collective first (see TrainingState.save): the gathers here, then the checkpoint's own
+        reductions of sync-on-read variables, which TensorFlow makes before it writes a byte.
+        """
         self._epoch.assign(position.epoch)
         self._step_in_epoch.assign(position.step_in_epoch)
         self._batch_in_epoch.assign(position.batches)
         host = rng.capture_host() if position.at_epoch_end else self._epoch_start_host
-        # Every collective first (see TrainingState.save): the gathers, then the checkpoint's own
-        # reductions of sync-on-read variables, which TensorFlow makes before it writes a byte.
         host, metrics = _with_every_worker(host, self._metric_values(), coordinator)
         metrics = {f"{_METRICS}{path}": value for path, value in metrics.items()}
-        try:
-            tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=1).save()
-        except tf.errors.OpError as exc:
-            raise BackupWriteError(
-                errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
-            ) from exc
-        np.savez(directory / EXTRA_FILE, **host, **rng.capture_device(), **metrics)  # type: ignore[arg-type]
-        callback_state.write(directory, callback_state.capture(self.callbacks))
+        extra = {**host, **rng.capture_device(), **metrics}
+        return extra, copy.deepcopy(callback_state.capture(self.callbacks))  # a snapshot's must not change
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         prefix = _checkpoint_prefix(directory)
@@ -237,6 +254,20 @@ class KerasTrainingState:
             for part, value in zip(parts, saved[path], strict=True):
                 part.assign(value)
         return True
+
+
+def _write(
+    checkpoint: tf.train.Checkpoint, directory: Path, extra: rng.Arrays, callbacks: dict[str, Any]
+) -> None:
+    """Write ``checkpoint`` (live, or a snapshot's), ``resume_state.npz`` and the callbacks' state."""
+    try:
+        tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=1).save()
+    except tf.errors.OpError as exc:
+        raise BackupWriteError(
+            errno.EIO, f"TensorFlow could not write the checkpoint into {directory}: {exc.message}"
+        ) from exc
+    np.savez(directory / EXTRA_FILE, **extra)  # type: ignore[arg-type]
+    callback_state.write(directory, callbacks)
 
 
 def _with_every_worker(

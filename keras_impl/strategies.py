@@ -54,9 +54,16 @@ def is_parameter_server(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
 
 
-def check(strategy: tf.distribute.Strategy, flavour: Any, per_epoch: bool) -> None:
-    """Refuse a strategy (or a ``save_freq`` under it) that this adapter cannot back up exactly."""
+def check(strategy: tf.distribute.Strategy, flavour: Any, per_epoch: bool, background: bool = False) -> None:
+    """Refuse a strategy (or a ``save_freq``, or ``async_backup`` under it) that this adapter cannot
+    back up exactly."""
     found = kind(strategy)
+    if background and found not in ("default", "OneDevice", "Mirrored"):
+        raise UnsupportedEnvironmentError(
+            f"async_backup=True needs a strategy that trains in one process (no strategy, OneDeviceStrategy "
+            f"or MirroredStrategy), found {type(strategy).__name__}: its variables live on other processes. "
+            "Pass async_backup=False."
+        )
     workers = coordinator.workers(strategy)
     if found == "MultiWorkerMirrored" and flavour.name == "keras" and workers > 1:
         raise UnsupportedEnvironmentError(

@@ -23,9 +23,10 @@ loads with ``weights_only=True``, and a sharded folder is loaded only once
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lightning_impl import _private, shards
 from lightning_impl.exact import ExactResume
-from unified_backup.coordinator import Coordinator
+from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import (
     BackupError,
     UnsafeBackupError,
@@ -138,12 +139,35 @@ class LightningState:
         its shards (the strategy's collectives make a failure on one rank fail them all). The primary
         then tells the others how its part went, so that every rank raises the same error or none does.
         """
+        return self._persist(self._checkpoint(position, coordinator), directory, coordinator)
+
+    def snapshot(
+        self, position: Position, coordinator: Coordinator
+    ) -> Callable[[Path], dict[str, str] | None]:
+        """(``async_backup``, one process) Copy the checkpoint of ``position`` into host memory, every
+        tensor included; the returned call writes the copy as ``save`` writes the live checkpoint."""
+        if self.sharded:
+            raise UnsupportedEnvironmentError(
+                "async_backup=True does not support sharded state (ModelParallelStrategy): every rank writes "
+                "its own shards. Pass async_backup=False."
+            )
+        checkpoint = _copied(self._checkpoint(position, coordinator), {})
+        return lambda directory: self._persist(checkpoint, directory, SingleProcess())  # no collectives
+
+    def _checkpoint(self, position: Position, coordinator: Coordinator) -> dict[str, Any]:
+        """Lightning's checkpoint of the live training at ``position``, with our entry."""
         trainer = self.trainer
         checkpoint = _private.dump_checkpoint(trainer)
         if position.at_epoch_end:
             _private.mark_epoch_closed(checkpoint, step_based=trainer.max_steps != -1)
         exact = self.exact.entry(trainer, coordinator.gather, position.batches)
         checkpoint[KEY] = {"should_stop": bool(trainer.should_stop), **exact}
+        return checkpoint
+
+    def _persist(
+        self, checkpoint: dict[str, Any], directory: Path, coordinator: Coordinator
+    ) -> dict[str, str] | None:
+        """Write ``checkpoint`` into ``directory`` (see ``save``); the checksums computed on the way."""
         target = directory / (FOLDER if self.sharded else FILENAME)
         outcome: dict[str, Any] = {"path": str(target)}
         failure: BaseException | None = None
@@ -271,6 +295,32 @@ def _write_shards(checkpoint: dict[str, Any], path: Path, primary: bool) -> None
             "primary sees it. Expected a backup_dir on a filesystem every process sees (e.g. NFS); put "
             "backup_dir on one."
         )
+
+
+def _copied(value: Any, memo: dict[int, Any]) -> Any:
+    """``value`` with every tensor copied to host memory and every container rebuilt, so that no later
+    step can change it; a tensor reached twice is copied once (``torch.save`` keeps it shared)."""
+    if id(value) in memo:
+        return memo[id(value)]
+    copied: Any
+    if isinstance(value, torch.Tensor):
+        copied = value.detach().to("cpu", copy=True)
+    elif isinstance(value, dict):  # a shallow copy keeps the class (OrderedDict, defaultdict, ...)
+        copied = copy.copy(value)
+        for key, item in value.items():
+            copied[key] = _copied(item, memo)
+    elif isinstance(value, list):
+        copied = copy.copy(value)
+        for i, item in enumerate(value):
+            copied[i] = _copied(item, memo)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        copied = type(value)(*(_copied(item, memo) for item in value))
+    elif type(value) is tuple:
+        copied = tuple(_copied(item, memo) for item in value)
+    else:  # e.g. torch.Size, numbers, strings
+        copied = copy.deepcopy(value)
+    memo[id(value)] = copied
+    return copied
 
 
 def _causes(exc: CheckpointException) -> list[BaseException]:

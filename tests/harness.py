@@ -29,12 +29,13 @@ def worker_argv(
     preemption: Sequence[str] = (),
     hidden: int | None = None,
     keep_previous: bool = False,
+    async_backup: bool = False,
 ) -> list[str]:
     """The demo's worker argv (``python -m <module>``) with the tests' flags, the same for every adapter.
 
     ``exact`` reshuffles the data every epoch and adds dropout; ``preemption`` lists the signals for
     ``--save-before-preemption``; ``hidden`` sets the hidden width (the state's size);
-    ``keep_previous`` passes ``keep_previous=True``.
+    ``keep_previous`` passes ``keep_previous=True``; ``async_backup`` passes ``async_backup=True``.
     """
     argv = demo_argv(framework, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep)
     argv += ["--save-freq", str(save_freq)]
@@ -46,6 +47,8 @@ def worker_argv(
         argv += ["--hidden", str(hidden)]
     if keep_previous:
         argv.append("--keep-previous")
+    if async_backup:
+        argv.append("--async-backup")
     return argv
 
 

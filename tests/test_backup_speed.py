@@ -30,6 +30,10 @@ def test_the_benchmark_measures_every_method_and_prints_its_table(tmp_path):
         assert len(row["extra_bytes"]) == 2, row
         measured_restore = row["method"] in (*OURS, "floor")
         assert bool(row.get("restore_s")) == measured_restore and all(t > 0 for t in row.get("restore_s", []))
-    table = result.stdout.splitlines()
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(METHODS) and all(f"| {m} |" in result.stdout for m in METHODS)
+    for method in ("keras-async", "lightning-async"):
+        row = next(row for row in rows if row["method"] == method)
+        assert row["writer_s"] > 0, row  # the background writer ran
+        assert f"{method} at 1 MB: training stalls" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # every method's files removed

@@ -41,10 +41,16 @@ class BackupCallback:
             ``NoBackupError`` naming ``backup_dir`` when there is nothing to restore.
         verbose: print one line when a backup is restored, through the framework's own channel
             (Keras's message printing, Lightning's rank-zero info). ``False``: only log it.
+        async_backup: pause training only to copy the state in memory; a background thread
+            writes and commits the backup while training goes on (one at a time: the next backup
+            point waits for it). A failed write is reported at the next backup point or when
+            ``fit`` ends, by ``on_write_error``; a preemption backup is written at once. One
+            process only; one extra copy of the state in host memory.
 
     After a ``fit``, ``restored`` is the manifest of the backup it resumed from (or None) and
-    ``stats`` counts its backups and the seconds spent writing them, and the seconds the restore
-    took as ``fit`` began (``restore_seconds``, verification included).
+    ``stats`` counts its backups, the seconds training waited for them (with ``async_backup``, for
+    the snapshots), the seconds a background writer spent (``writer_seconds``), and the seconds
+    the restore took as ``fit`` began (``restore_seconds``, verification included).
     """
 
     #: Raised when a preemption signal stopped training (an adapter may add its framework's class).
@@ -76,7 +82,8 @@ class BackupCallback:
         (``on_exception``); Keras calls no hook then, so the folder stays locked by this process
         until its next ``fit`` with a ``BackupAndRestore`` on the folder in this thread, or until the
         process ends. Call it after a Keras ``fit`` raised (e.g. Ctrl-C in a notebook) to let another
-        process resume from the backup now.
+        process resume from the backup now. With ``async_backup`` it first waits for the backup
+        being written in the background.
         """
         self._lifecycle.finish(success=False)
 
@@ -111,6 +118,10 @@ class BackupCallback:
     @property
     def verbose(self) -> bool:
         return self._options.verbose
+
+    @property
+    def async_backup(self) -> bool:
+        return self._options.async_backup
 
     @property
     def restored(self) -> Manifest | None:

@@ -154,6 +154,9 @@ def worker_parser(module: str, description: str) -> argparse.ArgumentParser:
         help="back up and stop (exit code 143) on SIGTERM (no value), or on the signals named",
     )
     parser.add_argument("--keep-previous", action="store_true", help="keep the previous backup too")
+    parser.add_argument(
+        "--async-backup", action="store_true", help="write backups in a background thread (async_backup)"
+    )
     return parser
 
 
@@ -164,6 +167,7 @@ def callback_options(args: argparse.Namespace) -> dict[str, Any]:
         "save_freq": args.save_freq,
         "save_before_preemption": False if listed is None else (listed or True),
         "keep_previous": args.keep_previous,
+        "async_backup": args.async_backup,
     }
 
 

@@ -30,6 +30,12 @@ Every process makes every call; only the primary touches the commit record::
                3. when preempted: (all) watch.before_stop, gather the signals, finish, raise
                   (a backup that fails then ends the fit too: nothing stays locked or installed)
     finish:    when deleting: 1. barrier  2. (primary) delete the backup;  then (primary) unlock
+
+``async_backup`` (one process): a due backup stages its folder and takes the state's snapshot in
+the training thread, then a :class:`BackgroundWriter` writes and commits it while training goes
+on. The writer is waited for (and what it raised reported, by ``on_write_error``) at the next
+backup, before a preemption backup (written in the training thread) and in ``finish``, before
+anything is deleted or unlocked.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from unified_backup.options import REQUIRED, WARN, BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 from unified_backup.slot import Slot
 from unified_backup.state import REPLICATED, SHARDED, Position, TrainingState
+from unified_backup.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,9 @@ log = logging.getLogger(__name__)
 class BackupStats:
     """What backing up cost during one ``fit``, and what restoring cost as it began."""
 
-    backups: int = 0
-    seconds: float = 0.0
+    backups: int = 0  # committed
+    seconds: float = 0.0  # training waited for backups (async_backup: the snapshots, and earlier writes)
+    writer_seconds: float = 0.0  # the background writer spent writing and committing (async_backup)
     last_bytes: int = 0
     restore_seconds: float = 0.0  # reading, verifying, checking and loading the backup (0 if none)
 
@@ -98,7 +106,8 @@ class Lifecycle:
         self.restored: Manifest | None = None
         self.stats = BackupStats()
         self._preempted = preempted
-        self._lock = DirectoryLock(options.backup_dir)
+        self._writer = BackgroundWriter()  # async_backup
+        self._lock = DirectoryLock(options.backup_dir, before_takeover=self._end_background_write)
         self._fit: _Fit | None = None
 
     @property
@@ -114,6 +123,8 @@ class Lifecycle:
         """
         if self._fit is not None:  # left running by a fit that raised where no hook said so
             self.finish(success=False)
+        if self.options.async_backup:
+            _check_async(state)
         began = time.perf_counter()
         self.stats, self.restored = BackupStats(), None
         fit = self._fit = _Fit(state, coordinator or SingleProcess())
@@ -185,10 +196,15 @@ class Lifecycle:
         preempted = preemption and fit.watch is not None and fit.watch.agreed(fit.coordinator)
         manifest = None
         try:
+            if preempted:  # the preemption backup is written now, after the one in flight
+                self._wait_for_writer(fit, stopping=True)
             if self._due(fit, position, epoch_end) or (
                 preempted and position.global_step != fit.committed_step
             ):
-                manifest = self._backup(fit, position)
+                if self.options.async_backup and not preempted:
+                    self._backup_in_background(fit, position)
+                else:
+                    manifest = self._backup(fit, position)
         except BaseException:
             if preempted:  # stopping anyway: leave nothing held
                 self.finish(success=False)
@@ -200,9 +216,17 @@ class Lifecycle:
     # -- fit ends --------------------------------------------------------------------------
     def finish(self, success: bool) -> None:
         """End the ``fit``: on success delete the backup (if asked); always release the folder."""
-        fit, self._fit = self._fit, None
-        if fit is None:
+        if self._fit is None:
             return
+        failure = self._writer.wait()  # before anything is deleted or unlocked
+        reraise = failure is not None and success and _raises(failure, self.options.on_write_error)
+        if reraise:  # as if the backup had failed in the training thread: fit ends with it, the backup stays
+            success = False
+        elif failure is not None and success:
+            log.warning("Backup skipped: %s Training finished (on_write_error='warn').", failure)
+        elif failure is not None:
+            log.warning("The backup being written in the background as training stopped failed: %s", failure)
+        fit, self._fit = self._fit, None
         if fit.watch is not None:
             fit.watch.uninstall()
             if success and fit.watch.received is not None:
@@ -242,6 +266,8 @@ class Lifecycle:
             self.stats.backups,
             self.stats.seconds,
         )
+        if reraise:
+            raise failure  # type: ignore[misc]
 
     # -- opening ------------------------------------------------------------------------
     def _choose(self, framework: str) -> dict[str, Any]:
@@ -316,6 +342,90 @@ class Lifecycle:
             self.stats.last_bytes = manifest.total_bytes
         return manifest
 
+    def _backup_in_background(self, fit: _Fit, position: Position) -> None:
+        """(one process) Wait for the write in flight, take the snapshot, and hand its write and commit
+        to the background writer. A failure to stage or snapshot is handled as in :meth:`_backup`."""
+        self._wait_for_writer(fit)
+        began = time.perf_counter()
+        fit.last_backup_step = position.global_step
+        staged = None
+        try:
+            staged = self.slot.stage()
+            write = fit.state.snapshot(position, fit.coordinator)  # type: ignore[attr-defined]
+            header = self._header(fit, position)
+        except BaseException as exc:
+            if staged is not None:
+                self.slot.discard(staged)
+            if not isinstance(exc, Exception):  # e.g. Ctrl-C during a large snapshot
+                raise
+            failure = self._write_error(exc, staged)
+            if not _raises(failure, self.options.on_write_error):
+                log.warning("Backup skipped: %s Training goes on (on_write_error='warn').", failure)
+                return
+            if failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            self.stats.seconds += time.perf_counter() - began
+
+        def write_and_commit() -> None:
+            began = time.perf_counter()
+            try:
+                checksums = write(staged)
+            except Exception as exc:
+                self.slot.discard(staged)
+                failure = self._write_error(exc, staged)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            finally:
+                self.stats.writer_seconds += time.perf_counter() - began
+            began = time.perf_counter()
+            try:
+                manifest = self.slot.commit(staged, header, checksums)
+            finally:
+                self.stats.writer_seconds += time.perf_counter() - began
+            fit.committed_step = position.global_step
+            self.stats.backups += 1
+            self.stats.last_bytes = manifest.total_bytes
+
+        self._writer.start(write_and_commit)
+
+    def _wait_for_writer(self, fit: _Fit, stopping: bool = False) -> None:
+        """Wait for the background write in flight; report what it raised (by ``on_write_error``).
+        The wait counts in ``stats.seconds``: training waited for it."""
+        if not self._writer.busy:
+            return
+        began = time.perf_counter()
+        failure = self._writer.wait()
+        self.stats.seconds += time.perf_counter() - began
+        if failure is None:
+            return
+        if _raises(failure, self.options.on_write_error):
+            raise failure
+        goes_on = "the preemption backup follows" if stopping else "Training goes on"
+        log.warning("Backup skipped: %s %s (on_write_error='warn').", failure, goes_on)
+
+    def _end_background_write(self) -> None:
+        """Before a later ``fit`` of this process takes the folder over (a Keras ``fit`` that raised ends
+        no lifecycle): wait for this one's background write, so that it cannot commit over the new fit."""
+        failure = self._writer.wait()
+        if failure is not None:
+            log.warning(
+                "The backup being written in the background when training stopped failed: %s", failure
+            )
+
+    def _write_error(self, exc: Exception, staged: Path | None) -> BackupError:
+        """What a failed snapshot or background write raises: a write error says the last backup is intact."""
+        if isinstance(exc, OSError):  # a write error of the state's too: say that the last backup is intact
+            return BackupWriteError(
+                exc.errno or errno.EIO,
+                f"Saving the training state into {staged or self.options.backup_dir} failed "
+                f"({exc.strerror or exc}); the last backup in {self.options.backup_dir} is still committed "
+                "and intact. Free space or fix permissions.",
+            )
+        return _as_backup_error(exc, f"Backing up into {self.options.backup_dir} failed")
+
     def _write(self, fit: _Fit, position: Position) -> Manifest | None:
         coordinator = fit.coordinator
         staged = Path(self._on_primary("Creating a staging folder", self._stage))
@@ -352,11 +462,13 @@ class Lifecycle:
         self, fit: _Fit, staged: Path, position: Position, checksums: Mapping[str, str] | None
     ) -> str:
         """(primary) Commit the staged payload, with the checksums the state computed; the manifest JSON."""
+        return self.slot.commit(staged, self._header(fit, position), checksums).to_json()
+
+    def _header(self, fit: _Fit, position: Position) -> Header:
         state = fit.state
-        header = Header(
+        return Header(
             state.framework, state.framework_version, position.counters, state.fingerprint(), _topology(state)
         )
-        return self.slot.commit(staged, header, checksums).to_json()
 
     def _stage(self) -> str:
         try:
@@ -487,6 +599,29 @@ def _attempt(call: Callable[[], Any]) -> BaseException | None:
     except BaseException as exc:
         return exc
     return None
+
+
+def _check_async(state: TrainingState) -> None:
+    """Refuse ``async_backup`` for a state that cannot take snapshots, or that runs on several processes."""
+    workers = int(_topology(state).get("workers", 1))
+    if workers > 1 or _sharded(state) or not callable(getattr(state, "snapshot", None)):
+        why = (
+            f"this training runs on {workers} processes"
+            if workers > 1
+            else "its state is sharded (every process writes its own shards)"
+            if _sharded(state)
+            else "this state takes no snapshots"
+        )
+        raise errors.UnsupportedEnvironmentError(
+            f"async_backup=True writes backups in a background thread of one process, but {why}. Expected "
+            "a training in one process; pass async_backup=False (backups are then written as training "
+            "waits)."
+        )
+
+
+def _raises(failure: BaseException, on_write_error: str) -> bool:
+    """Whether ``failure`` stops training: any error but a write error under ``on_write_error="warn"``."""
+    return not (isinstance(failure, BackupWriteError) and on_write_error == WARN)
 
 
 def _topology(state: TrainingState) -> dict[str, Any]:

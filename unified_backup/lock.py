@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from unified_backup.errors import BackupDirInUseError, BackupWriteError, UnsupportedEnvironmentError
@@ -36,8 +37,9 @@ _HELD: dict[str, tuple[DirectoryLock, int]] = {}
 class DirectoryLock:
     """Exclusive, non-blocking ownership of one folder by one process."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, before_takeover: Callable[[], None] | None = None) -> None:
         self.path = Path(directory) / LOCK_NAME
+        self.before_takeover = before_takeover  # called when a later fit of this process takes it over
         self._fd: int | None = None
         self.unfinished: str | None = None  # at acquire: the run that left the lock file, if one did
         self._found = b""  # the record in the lock file when acquired, written back by restore_mark
@@ -132,6 +134,8 @@ class DirectoryLock:
                 "Taking over the lock on %s left by an earlier fit in this process that did not finish.",
                 self.path.parent,
             )
+            if holder.before_takeover is not None:  # e.g. its background write, still committing
+                holder.before_takeover()
             holder.release(finished=False)  # its mark stays until this fit is accepted
             return "an earlier fit in this process"
         return None

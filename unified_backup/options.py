@@ -40,6 +40,11 @@ class BackupOptions:
             warning when there are signs that this run is a restart); ``"required"`` raises
             :class:`NoBackupError` naming ``backup_dir`` when there is nothing to restore.
         verbose: print one line through the framework's own channel when a backup is restored.
+        async_backup: training stops only while the state is copied in memory (a snapshot); a
+            background thread writes and commits it while training goes on. One backup is written
+            at a time: a backup point waits for the write before it. A write that failed is reported
+            at the next backup point or when ``fit`` ends, by ``on_write_error``. A preemption
+            backup is written at once. One process only; costs one copy of the state in memory.
     """
 
     backup_dir: Path
@@ -50,6 +55,7 @@ class BackupOptions:
     keep_previous: bool = False
     resume: str = AUTO
     verbose: bool = True
+    async_backup: bool = False
     preemption_signals: tuple[signal.Signals, ...] = ()
 
     def __init__(
@@ -63,6 +69,7 @@ class BackupOptions:
         keep_previous: bool = False,
         resume: str = AUTO,
         verbose: bool | int = True,
+        async_backup: bool = False,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
             raise InvalidArgumentError(
@@ -112,6 +119,11 @@ class BackupOptions:
                 f"Invalid value for argument `verbose`. Received: verbose={verbose!r}. Expected True "
                 "(print a line when a backup is restored) or False (only log it)."
             )
+        if not isinstance(async_backup, bool):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `async_backup`. Received: async_backup={async_backup!r}. "
+                "Expected True (write backups in a background thread) or False."
+            )
         object.__setattr__(self, "backup_dir", Path(backup_dir))
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
@@ -127,6 +139,7 @@ class BackupOptions:
         object.__setattr__(self, "keep_previous", keep_previous)
         object.__setattr__(self, "resume", resume)
         object.__setattr__(self, "verbose", bool(verbose))
+        object.__setattr__(self, "async_backup", async_backup)
 
     @property
     def per_epoch(self) -> bool:

@@ -8,7 +8,7 @@ state only writes its framework's files into the folder it is given, and reads t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -84,3 +84,17 @@ class TrainingState(Protocol):
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         """Restore the training state from a verified, compatible backup."""
+
+
+class Snapshot(Protocol):
+    """What ``async_backup`` needs of a state besides :class:`TrainingState` (one process only).
+
+    ``snapshot`` copies the state at ``position`` out of the live training, into memory, and
+    returns the call that writes that copy: training goes on as soon as ``snapshot`` returns, while
+    a background thread makes the call with an empty folder. The call must not touch the live
+    training (it may run during the next steps) and returns what ``save`` returns.
+    """
+
+    def snapshot(
+        self, position: Position, coordinator: Coordinator
+    ) -> Callable[[Path], Mapping[str, str] | None]: ...

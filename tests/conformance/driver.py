@@ -11,6 +11,7 @@ shuffling, no dropout, optimizer ``"adam"`` (lr 1e-2) or ``"sgd"`` (lr 1e-2, mom
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -145,9 +146,12 @@ class Driver(Protocol):
         batch_sleep: float,
         save_freq: str | int = "epoch",
         exact: bool = False,
+        preemption: Sequence[str] = (),
+        async_backup: bool = False,
     ) -> list[str]:
         """argv of this adapter's demo worker (``python -m <module> ...``), see README.
 
         ``exact=True`` adds ``--shuffle --dropout 0.2`` (reshuffled data, dropout on): the
-        worker must still end bit-identical to its uninterrupted run.
+        worker must still end bit-identical to its uninterrupted run. ``preemption``: the signals of
+        ``--save-before-preemption``; ``async_backup``: ``--async-backup``.
         """

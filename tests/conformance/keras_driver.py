@@ -287,10 +287,11 @@ class KerasDriver:
         save_freq: str | int = "epoch",
         exact: bool = False,
         preemption: Sequence[str] = (),
+        async_backup: bool = False,
     ) -> list[str]:
         return worker_argv(
             self.name, backup_dir, out, epochs=epochs, batch_sleep=batch_sleep, save_freq=save_freq,
-            exact=exact, preemption=preemption,
+            exact=exact, preemption=preemption, async_backup=async_backup,
         )  # fmt: skip
 
 

@@ -366,3 +366,40 @@ def test_a_fits_batch_hooks_can_be_held_on_its_callback_list_and_given_back(flav
     holder.callback_list.on_train_batch_begin(8)
     assert seen[-1] == ("begin", 8) and len(held) == 4
     assert not any(name.startswith("on_train_batch") for name in vars(holder.callback_list))
+
+
+@pytest.mark.parametrize("flavour", ["keras", "tf_keras"])
+def test_a_frozen_checkpoint_writes_the_same_keys_and_values_as_the_live_one_as_it_was(tmp_path, flavour):
+    """frozen_checkpoint walks Trackable._trackable_children / _serialize_to_tensors (async_backup)."""
+    kit = keras
+    if flavour == "tf_keras":
+        import tf_keras as kit
+    model = kit.Sequential([kit.Input((4,)), kit.layers.Dense(8), kit.layers.Dense(1)])
+    model.compile(optimizer=kit.optimizers.Adam(), loss="mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    model.fit(x, y, verbose=0)
+    live = tf.train.Checkpoint(model=model, optimizer=model.optimizer, variables=list(model.variables))
+    expected = tf.train.CheckpointManager(live, str(tmp_path / "live"), max_to_keep=1).save()
+    frozen = _private.frozen_checkpoint(live)
+    model.fit(x, y, verbose=0)  # the live variables move on
+    written = tf.train.CheckpointManager(frozen, str(tmp_path / "frozen"), max_to_keep=1).save()
+    keys = dict(tf.train.list_variables(expected))
+    assert dict(tf.train.list_variables(written)) == keys, (
+        CHANGED + "a frozen checkpoint no longer has the live one's object graph"
+    )
+    for key in keys:
+        if key != "save_counter/.ATTRIBUTES/VARIABLE_VALUE" and not key.startswith("_CHECKPOINTABLE"):
+            np.testing.assert_array_equal(
+                tf.train.load_variable(written, key), tf.train.load_variable(expected, key), err_msg=key
+            )
+
+
+@pytest.mark.tf_keras
+def test_a_legacy_optimizers_slot_variables_refuse_a_frozen_checkpoint():
+    import tf_keras
+
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(1)])
+    optimizer = tf_keras.optimizers.legacy.Adam()
+    _private.build_legacy_optimizer(optimizer, model.trainable_variables)
+    with pytest.raises(TypeError, match="slot variables"):
+        _private.frozen_checkpoint(tf.train.Checkpoint(model=model, optimizer=optimizer))

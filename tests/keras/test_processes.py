@@ -113,15 +113,21 @@ def test_another_keras_backend_is_refused():
     assert "KERAS_BACKEND=tensorflow" in done.stdout
 
 
-@pytest.mark.parametrize("flavour", ["keras", pytest.param("tf_keras", marks=pytest.mark.tf_keras)])
-def test_sigkill_under_mirrored_strategy_resumes_bit_identical(tmp_path, flavour):
+@pytest.mark.parametrize(
+    ("flavour", "async_backup"),
+    [("keras", False), pytest.param("tf_keras", False, marks=pytest.mark.tf_keras), ("keras", True)],
+    ids=["keras", "tf_keras", "keras-async"],
+)
+def test_sigkill_under_mirrored_strategy_resumes_bit_identical(tmp_path, flavour, async_backup):
     """The demo worker under MirroredStrategy (two logical CPUs), SIGKILLed inside an epoch once a step
-    backup is committed, then run again: it ends with the weights of its uninterrupted run."""
+    backup is committed, then run again: it ends with the weights of its uninterrupted run (also with
+    ``async_backup``: the snapshot of mirrored variables)."""
     module = {"keras": "keras_impl.demo", "tf_keras": "keras_impl.tf_keras_demo"}[flavour]
 
     def argv(backup_dir: Path, out: Path, sleep: float) -> list[str]:
         return [sys.executable, "-m", module, "--backup-dir", str(backup_dir), "--out", str(out),
-                "--batch-sleep", str(sleep), "--epochs", "3", "--save-freq", "5", "--mirrored"]  # fmt: skip
+                "--batch-sleep", str(sleep), "--epochs", "3", "--save-freq", "5", "--mirrored",
+                *(["--async-backup"] if async_backup else [])]  # fmt: skip
 
     reference = Worker(argv(tmp_path / "reference", tmp_path / "reference.json", 0.0))
     assert reference.finish(180) == 0, reference.failure()

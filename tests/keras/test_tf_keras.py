@@ -158,6 +158,16 @@ def test_legacy_optimizer_resumes_exactly(tmp_path):
                 [np.array(v) for v in reference.optimizer.variables()])  # fmt: skip
 
 
+def test_async_backup_refuses_a_legacy_optimizer_when_fit_starts(tmp_path):
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(1)])
+    model.compile(optimizer=tf_keras.optimizers.legacy.Adam(1e-2), loss="mse")
+    x, y = data()
+    backup = BackupAndRestore(tmp_path / "backup", save_freq=1, async_backup=True)
+    with pytest.raises(UnsupportedEnvironmentError, match="legacy optimizer .* async_backup=False"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[backup])
+    assert int(model.optimizer.iterations.numpy()) == 0 and not (tmp_path / "backup").exists()
+
+
 def test_an_unbuilt_subclassed_model_resumes_exactly(tmp_path):
     class Regressor(tf_keras.Model):
         def __init__(self) -> None:
