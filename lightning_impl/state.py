@@ -23,7 +23,6 @@ loads with ``weights_only=True``, and a sharded folder is loaded only once
 
 from __future__ import annotations
 
-import copy
 import logging
 import pickle
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lightning_impl import _private, shards
 from lightning_impl.exact import ExactResume
+from lightning_impl.snapshot import HostCopies
 from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import (
     BackupError,
@@ -122,6 +122,7 @@ class LightningState:
         self.exact = ExactResume()
         self._user_ckpt_path = trainer.ckpt_path  # the load replaces it; put back in train_start
         self._checked = False
+        self._host_copies = HostCopies()  # async_backup's snapshots
 
     @property
     def global_step(self) -> int:
@@ -151,7 +152,7 @@ class LightningState:
                 "async_backup=True does not support sharded state (ModelParallelStrategy): every rank writes "
                 "its own shards. Pass async_backup=False."
             )
-        checkpoint = _copied(self._checkpoint(position, coordinator), {})
+        checkpoint = self._host_copies.of(self._checkpoint(position, coordinator))
         return lambda directory: self._persist(checkpoint, directory, SingleProcess())  # no collectives
 
     def _checkpoint(self, position: Position, coordinator: Coordinator) -> dict[str, Any]:
@@ -295,32 +296,6 @@ def _write_shards(checkpoint: dict[str, Any], path: Path, primary: bool) -> None
             "primary sees it. Expected a backup_dir on a filesystem every process sees (e.g. NFS); put "
             "backup_dir on one."
         )
-
-
-def _copied(value: Any, memo: dict[int, Any]) -> Any:
-    """``value`` with every tensor copied to host memory and every container rebuilt, so that no later
-    step can change it; a tensor reached twice is copied once (``torch.save`` keeps it shared)."""
-    if id(value) in memo:
-        return memo[id(value)]
-    copied: Any
-    if isinstance(value, torch.Tensor):
-        copied = value.detach().to("cpu", copy=True)
-    elif isinstance(value, dict):  # a shallow copy keeps the class (OrderedDict, defaultdict, ...)
-        copied = copy.copy(value)
-        for key, item in value.items():
-            copied[key] = _copied(item, memo)
-    elif isinstance(value, list):
-        copied = copy.copy(value)
-        for i, item in enumerate(value):
-            copied[i] = _copied(item, memo)
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        copied = type(value)(*(_copied(item, memo) for item in value))
-    elif type(value) is tuple:
-        copied = tuple(_copied(item, memo) for item in value)
-    else:  # e.g. torch.Size, numbers, strings
-        copied = copy.deepcopy(value)
-    memo[id(value)] = copied
-    return copied
 
 
 def _causes(exc: CheckpointException) -> list[BaseException]:

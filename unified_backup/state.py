@@ -92,7 +92,9 @@ class Snapshot(Protocol):
     ``snapshot`` copies the state at ``position`` out of the live training, into memory, and
     returns the call that writes that copy: training goes on as soon as ``snapshot`` returns, while
     a background thread makes the call with an empty folder. The call must not touch the live
-    training (it may run during the next steps) and returns what ``save`` returns.
+    training (it may run during the next steps) and returns what ``save`` returns. The lifecycle
+    takes a snapshot only once the previous snapshot's call has returned, so a state may reuse the
+    previous snapshot's memory.
     """
 
     def snapshot(
