@@ -3,8 +3,11 @@
 The copies go into the buffers of the previous snapshot when the checkpoint has the same tensors
 (shape, dtype) in the same order, as it does from one backup to the next: the lifecycle waits for
 the previous write before it takes a snapshot, so those buffers are free again, and reusing them
-spares the allocation and the page faults of a state-sized copy. Tensors on a GPU are copied into
-pinned buffers, without blocking, and the snapshot waits for the copies once they are all queued.
+spares the allocation and the page faults of a state-sized copy. A buffer keeps its tensor's strides
+(e.g. channels_last), as ``torch.save`` would: a fused optimizer refuses moments of another layout
+than their parameters'. Tensors on a GPU are copied into pinned buffers, without blocking, and the
+snapshot waits for the copies on every device once they are all queued. Anything but a plain dense
+tensor (a subclass, quantized, nested or sparse) is copied as ``Tensor.to("cpu", copy=True)`` does.
 """
 
 from __future__ import annotations
@@ -26,20 +29,26 @@ class HostCopies:
         later step can change it; a tensor reached twice is copied once (``torch.save`` keeps it shared).
         The previous snapshot's buffers are reused: that snapshot must no longer be in use."""
         previous, self._buffers = self._buffers, []
-        device_copies = False
+        devices: set[torch.device] = set()  # CUDA devices with copies in flight
 
         def tensor(value: torch.Tensor) -> torch.Tensor:
-            nonlocal device_copies
             value = value.detach()
-            if value.layout != torch.strided:  # e.g. sparse: a plain copy
+            if not _plain_dense(value):
                 return value.to("cpu", copy=True)
             i = len(self._buffers)
             buffer = previous[i] if i < len(previous) else None
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
-            on_device = value.device.type != "cpu"
-            buffer.copy_(value, non_blocking=on_device and buffer.is_pinned())
-            device_copies = device_copies or on_device
+            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != (
+                value.shape,
+                value.stride(),
+                value.dtype,
+            ):
+                buffer = torch.empty_strided(
+                    value.shape, value.stride(), dtype=value.dtype, pin_memory=value.is_cuda
+                )
+            asynchronous = value.is_cuda and buffer.is_pinned()
+            buffer.copy_(value, non_blocking=asynchronous)
+            if asynchronous:
+                devices.add(value.device)
             self._buffers.append(buffer)
             return buffer
 
@@ -69,6 +78,29 @@ class HostCopies:
             return result
 
         snapshot = copied(checkpoint)
-        if device_copies and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies have landed before training goes on
+        for device in devices:  # the non-blocking copies have landed before training goes on
+            torch.cuda.synchronize(device)
         return snapshot
+
+
+def _plain_dense(value: torch.Tensor) -> bool:
+    """A plain tensor whose strides describe a dense block of memory (a buffer can take its layout)."""
+    return (
+        type(value) is torch.Tensor
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and not value.is_nested
+        and _dense(value)
+    )
+
+
+def _dense(value: torch.Tensor) -> bool:
+    """Whether ``value``'s elements fill one block of memory without gaps or overlaps, in some order of
+    its dimensions (contiguous, channels_last, transposed: yes; expanded or sliced: no)."""
+    expected = 1
+    for dim in sorted(range(value.dim()), key=value.stride):
+        if value.shape[dim] != 1:
+            if value.stride(dim) != expected:
+                return False
+            expected *= value.shape[dim]
+    return True
