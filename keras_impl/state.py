@@ -147,6 +147,7 @@ class KerasTrainingState:
         """(``async_backup``, one process) Copy everything ``save`` writes into host memory; the returned
         call writes the copy, as ``save`` would have, while training goes on."""
         extra, callbacks = self._host_state(position, coordinator)
+        callbacks = copy.deepcopy(callbacks)  # a user's state_dict() may hand out its live containers
         try:
             frozen = _private.frozen_checkpoint(self._checkpoint)
         except TypeError as exc:
@@ -170,7 +171,7 @@ class KerasTrainingState:
         host, metrics = _with_every_worker(host, self._metric_values(), coordinator)
         metrics = {f"{_METRICS}{path}": value for path, value in metrics.items()}
         extra = {**host, **rng.capture_device(), **metrics}
-        return extra, copy.deepcopy(callback_state.capture(self.callbacks))  # a snapshot's must not change
+        return extra, callback_state.capture(self.callbacks)
 
     def load(self, directory: Path, manifest: Manifest, coordinator: Coordinator) -> None:
         prefix = _checkpoint_prefix(directory)

@@ -146,12 +146,8 @@ class LightningState:
         self, position: Position, coordinator: Coordinator
     ) -> Callable[[Path], dict[str, str] | None]:
         """(``async_backup``, one process) Copy the checkpoint of ``position`` into host memory, every
-        tensor included; the returned call writes the copy as ``save`` writes the live checkpoint."""
-        if self.sharded:
-            raise UnsupportedEnvironmentError(
-                "async_backup=True does not support sharded state (ModelParallelStrategy): every rank writes "
-                "its own shards. Pass async_backup=False."
-            )
+        tensor included; the returned call writes the copy as ``save`` writes the live checkpoint (the
+        core refuses ``async_backup`` for sharded state)."""
         checkpoint = self._host_copies.of(self._checkpoint(position, coordinator))
         return lambda directory: self._persist(checkpoint, directory, SingleProcess())  # no collectives
 

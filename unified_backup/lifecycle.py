@@ -49,7 +49,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from unified_backup import choice, errors, fingerprint, preemption
 from unified_backup.coordinator import Coordinator, SingleProcess
@@ -59,7 +59,7 @@ from unified_backup.manifest import Header, Manifest
 from unified_backup.options import REQUIRED, WARN, BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
 from unified_backup.slot import Slot
-from unified_backup.state import REPLICATED, SHARDED, Position, TrainingState
+from unified_backup.state import REPLICATED, SHARDED, Position, Snapshot, TrainingState
 from unified_backup.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,16 @@ class Lifecycle:
         """End the ``fit``: on success delete the backup (if asked); always release the folder."""
         if self._fit is None:
             return
-        failure = self._writer.wait()  # before anything is deleted or unlocked
-        reraise = failure is not None and success and _raises(failure, self.options.on_write_error)
+        failure = None  # before anything is deleted or unlocked, the background write ends
+        if success:
+            failure = self._writer.wait()
+        else:
+            self._end_background_write()
+        reraise = failure is not None and _raises(failure, self.options.on_write_error)
         if reraise:  # as if the backup had failed in the training thread: fit ends with it, the backup stays
             success = False
-        elif failure is not None and success:
-            log.warning("Backup skipped: %s Training finished (on_write_error='warn').", failure)
         elif failure is not None:
-            log.warning("The backup being written in the background as training stopped failed: %s", failure)
+            _skipped(failure, "Training finished")
         fit, self._fit = self._fit, None
         if fit.watch is not None:
             fit.watch.uninstall()
@@ -331,16 +333,20 @@ class Lifecycle:
         try:
             manifest = self._write(fit, position)
         except BackupWriteError as exc:
-            if self.options.on_write_error != WARN:
+            if _raises(exc, self.options.on_write_error):
                 raise
-            log.warning("Backup skipped: %s Training goes on (on_write_error='warn').", exc)
+            _skipped(exc, "Training goes on")
             return None
+        self._committed(fit, position, manifest)
+        self.stats.seconds += time.perf_counter() - began
+        return manifest
+
+    def _committed(self, fit: _Fit, position: Position, manifest: Manifest | None) -> None:
+        """Count the backup of ``position`` that was just committed (``manifest``: None off the primary)."""
         fit.committed_step = position.global_step
         self.stats.backups += 1
-        self.stats.seconds += time.perf_counter() - began
         if manifest is not None:
             self.stats.last_bytes = manifest.total_bytes
-        return manifest
 
     def _backup_in_background(self, fit: _Fit, position: Position) -> None:
         """(one process) Wait for the write in flight, take the snapshot, and hand its write and commit
@@ -351,7 +357,7 @@ class Lifecycle:
         staged = None
         try:
             staged = self.slot.stage()
-            write = fit.state.snapshot(position, fit.coordinator)  # type: ignore[attr-defined]
+            write = cast(Snapshot, fit.state).snapshot(position, fit.coordinator)
             header = self._header(fit, position)
         except BaseException as exc:
             if staged is not None:
@@ -360,7 +366,7 @@ class Lifecycle:
                 raise
             failure = self._write_error(exc, staged)
             if not _raises(failure, self.options.on_write_error):
-                log.warning("Backup skipped: %s Training goes on (on_write_error='warn').", failure)
+                _skipped(failure, "Training goes on")
                 return
             if failure is exc:
                 raise
@@ -385,9 +391,7 @@ class Lifecycle:
                 manifest = self.slot.commit(staged, header, checksums)
             finally:
                 self.stats.writer_seconds += time.perf_counter() - began
-            fit.committed_step = position.global_step
-            self.stats.backups += 1
-            self.stats.last_bytes = manifest.total_bytes
+            self._committed(fit, position, manifest)
 
         self._writer.start(write_and_commit)
 
@@ -403,8 +407,7 @@ class Lifecycle:
             return
         if _raises(failure, self.options.on_write_error):
             raise failure
-        goes_on = "the preemption backup follows" if stopping else "Training goes on"
-        log.warning("Backup skipped: %s %s (on_write_error='warn').", failure, goes_on)
+        _skipped(failure, "The preemption backup follows" if stopping else "Training goes on")
 
     def _end_background_write(self) -> None:
         """Before a later ``fit`` of this process takes the folder over (a Keras ``fit`` that raised ends
@@ -418,12 +421,7 @@ class Lifecycle:
     def _write_error(self, exc: Exception, staged: Path | None) -> BackupError:
         """What a failed snapshot or background write raises: a write error says the last backup is intact."""
         if isinstance(exc, OSError):  # a write error of the state's too: say that the last backup is intact
-            return BackupWriteError(
-                exc.errno or errno.EIO,
-                f"Saving the training state into {staged or self.options.backup_dir} failed "
-                f"({exc.strerror or exc}); the last backup in {self.options.backup_dir} is still committed "
-                "and intact. Free space or fix permissions.",
-            )
+            return self._write_failure(exc.errno, staged or self.options.backup_dir, str(exc.strerror or exc))
         return _as_backup_error(exc, f"Backing up into {self.options.backup_dir} failed")
 
     def _write(self, fit: _Fit, position: Position) -> Manifest | None:
@@ -452,11 +450,15 @@ class Lifecycle:
         if not report["os"]:  # not a write error: every process stops, whatever on_write_error says
             raise _raised(report, failure, coordinator.rank) from failure
         where = "" if isinstance(coordinator, SingleProcess) else f"process {report['rank']}: "
-        raise BackupWriteError(
-            report["errno"] or errno.EIO,
-            f"Saving the training state into {staged} failed ({where}{report['message']}); the last backup "
-            f"in {self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
-        ) from failure
+        raise self._write_failure(report["errno"], staged, where + report["message"]) from failure
+
+    def _write_failure(self, code: int | None, staged: Path, message: str) -> BackupWriteError:
+        """The error of a state that could not be saved into ``staged``: the last backup is intact."""
+        return BackupWriteError(
+            code or errno.EIO,
+            f"Saving the training state into {staged} failed ({message}); the last backup in "
+            f"{self.options.backup_dir} is still committed and intact. Free space or fix permissions.",
+        )
 
     def _commit(
         self, fit: _Fit, staged: Path, position: Position, checksums: Mapping[str, str] | None
@@ -617,6 +619,11 @@ def _check_async(state: TrainingState) -> None:
             "a training in one process; pass async_backup=False (backups are then written as training "
             "waits)."
         )
+
+
+def _skipped(failure: BaseException, then: str) -> None:
+    """Log a backup that failed under ``on_write_error="warn"``, and what happens next."""
+    log.warning("Backup skipped: %s %s (on_write_error='warn').", failure, then)
 
 
 def _raises(failure: BaseException, on_write_error: str) -> bool:

@@ -8,16 +8,12 @@ one at the backup point, and the resumed run would not end bit-identical.
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
 import time
 
 import pytest
 
-from tests.harness import Worker
-from unified_backup import BackupWriteError, Slot
-from unified_backup.preemption import EXIT_PREEMPTED
+from unified_backup import BackupWriteError
 
 from ..faults import fill, tmpfs
 from .driver import STEPS_PER_EPOCH
@@ -119,27 +115,3 @@ def test_async_disk_full_with_warn_trains_to_the_end(driver, tmp_path, caplog):
         assert result.error is None and result.epochs_run == [2, 3]
         assert caplog.text.count("Backup skipped") == 2  # epoch 2's at epoch 3's point; epoch 3's at the end
         assert not backup_dir.exists()  # fit ended well: deleted
-
-
-def test_a_preemption_backup_is_written_at_once_and_resumes_exactly(driver, tmp_path):
-    def command(backup_dir, out, batch_sleep, preemption=()):
-        return driver.demo_command(
-            backup_dir, out, epochs=3, batch_sleep=batch_sleep, exact=True, preemption=preemption,
-            save_freq=5, async_backup=True,
-        )  # fmt: skip
-
-    assert Worker(command(tmp_path / "reference", tmp_path / "reference.json", 0.0)).finish(300) == 0
-    backup_dir = tmp_path / "backup"
-    victim = Worker(command(backup_dir, tmp_path / "out.json", 0.05, preemption=("SIGTERM",)))
-    assert victim.wait_event("epoch", 300) is not None, victim.failure()
-    victim.wait_event("never", 0.2)  # inside epoch 1
-    victim.proc.send_signal(signal.SIGTERM)
-    assert victim.finish(120) == EXIT_PREEMPTED, victim.failure()
-    manifest = Slot(backup_dir).read_manifest()
-    assert manifest is not None and manifest.epoch == 1 and manifest.step_in_epoch > 0
-    resumed = Worker(command(backup_dir, tmp_path / "out.json", 0.0))
-    assert resumed.finish(300) == 0, resumed.failure()
-    assert resumed.wait_event("start", 0)["global_step"] == manifest.global_step
-    expected = json.loads((tmp_path / "reference.json").read_text())["weights"]
-    assert json.loads((tmp_path / "out.json").read_text())["weights"] == expected
-    assert not backup_dir.exists()

@@ -13,15 +13,24 @@ from unified_backup.preemption import EXIT_PREEMPTED
 
 
 @pytest.mark.parametrize(
-    ("sig", "save_freq"),
-    [(signal.SIGTERM, "epoch"), (signal.SIGUSR1, "epoch"), (signal.SIGTERM, False)],
-    ids=["SIGTERM", "SIGUSR1", "SIGTERM-save_freq=False"],
+    ("sig", "save_freq", "async_backup"),
+    [
+        (signal.SIGTERM, "epoch", False),
+        (signal.SIGUSR1, "epoch", False),
+        (signal.SIGTERM, False, False),
+        (
+            signal.SIGTERM,
+            5,
+            True,
+        ),  # the preemption backup waits for the write in flight, then is written at once
+    ],
+    ids=["SIGTERM", "SIGUSR1", "SIGTERM-save_freq=False", "SIGTERM-async_backup"],
 )
-def test_signal_backs_up_the_step_stops_and_resumes_exactly(driver, tmp_path, sig, save_freq):
+def test_signal_backs_up_the_step_stops_and_resumes_exactly(driver, tmp_path, sig, save_freq, async_backup):
     def command(backup_dir, out, batch_sleep, preemption=()):
         return driver.demo_command(
             backup_dir, out, epochs=3, batch_sleep=batch_sleep, exact=True, preemption=preemption,
-            save_freq=save_freq,
+            save_freq=save_freq, async_backup=async_backup,
         )  # fmt: skip
 
     assert Worker(command(tmp_path / "reference", tmp_path / "reference.json", 0.0)).finish(300) == 0

@@ -87,13 +87,19 @@ def test_the_first_write_is_committed_before_the_next_snapshot(backup_dir):
     assert committed_weights(backup_dir) == b"step 2"
 
 
-def test_a_failed_write_raises_at_the_next_backup_point_and_the_last_backup_stays(backup_dir):
+def second_write_fails(backup_dir: Path) -> tuple[Lifecycle, SnapshotState]:
+    """A fit that committed step 1 and whose background write of step 2 fails with a full disk."""
     lifecycle, state = Lifecycle(BackupOptions(backup_dir, save_freq=1, async_backup=True)), SnapshotState()
     lifecycle.start(state)
     step(lifecycle, state, b"step 1", 1)
     state.failure = OSError(errno.ENOSPC, "No space left on device")
-    step(lifecycle, state, b"step 2", 2)  # the write of step 2 fails in the background
+    step(lifecycle, state, b"step 2", 2)
     state.failure = None
+    return lifecycle, state
+
+
+def test_a_failed_write_raises_at_the_next_backup_point_and_the_last_backup_stays(backup_dir):
+    lifecycle, state = second_write_fails(backup_dir)
     with pytest.raises(BackupWriteError, match="still committed and intact") as raised:
         step(lifecycle, state, b"step 3", 3)
     assert raised.value.errno == errno.ENOSPC and "No space left on device" in str(raised.value)
@@ -120,11 +126,7 @@ def test_a_failed_write_with_warn_is_logged_and_training_goes_on(backup_dir, cap
 
 
 def test_a_write_that_fails_as_fit_ends_raises_from_finish_and_keeps_the_backup(backup_dir):
-    lifecycle, state = Lifecycle(BackupOptions(backup_dir, save_freq=1, async_backup=True)), SnapshotState()
-    lifecycle.start(state)
-    step(lifecycle, state, b"step 1", 1)
-    state.failure = OSError(errno.ENOSPC, "No space left on device")
-    step(lifecycle, state, b"step 2", 2)
+    lifecycle, _ = second_write_fails(backup_dir)
     with pytest.raises(BackupWriteError, match="No space left on device"):
         lifecycle.finish(success=True)
     assert committed_weights(backup_dir) == b"step 1"  # not deleted: fit did not end well
