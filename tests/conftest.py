@@ -9,7 +9,14 @@ The full suite, what CI runs, is ``python -m pytest``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# gcsfs asks GCS's gRPC storage-layout API whether a bucket is zonal before its first request; the GCS
+# emulator of tests/remote has no gRPC API, and every request then waits for its timeouts (real GCS
+# answers at once). Read when gcsfs is imported, so set before any test imports it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 QUICK_PATHS = ("tests/core/", "tests/conformance/", "tests/test_docs.py", "tests/test_demo.py")
 REPEATS = (  # node ids containing these stay in the full suite only

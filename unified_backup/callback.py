@@ -88,7 +88,7 @@ class BackupCallback:
         self._lifecycle.finish(success=False)
 
     @property
-    def backup_dir(self) -> Path:
+    def backup_dir(self) -> Path | str:
         return self._options.backup_dir
 
     @property

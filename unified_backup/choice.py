@@ -8,6 +8,7 @@ backup never gets anything promoted or removed.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from unified_backup.errors import (
     CorruptBackupError,
@@ -18,11 +19,14 @@ from unified_backup.errors import (
 from unified_backup.manifest import Manifest
 from unified_backup.slot import Slot
 
+if TYPE_CHECKING:
+    from unified_backup.remote_slot import RemoteSlot
+
 log = logging.getLogger(__name__)
 
 
 def choose(
-    slot: Slot, framework: str, *, keep_previous: bool
+    slot: Slot | RemoteSlot, framework: str, *, keep_previous: bool
 ) -> tuple[Manifest | None, CorruptBackupError | None]:
     """The verified backup to restore (None: none committed), and why the newest was refused when
     the choice is the previous one. Raises the specific :class:`InvalidBackupError` otherwise."""
@@ -38,7 +42,9 @@ def choose(
         return _previous_instead(slot, refused, framework), refused
 
 
-def settle(slot: Slot, manifest: Manifest | None, refused: str | None, *, keep_previous: bool) -> None:
+def settle(
+    slot: Slot | RemoteSlot, manifest: Manifest | None, refused: str | None, *, keep_previous: bool
+) -> None:
     """Make the chosen ``manifest`` the committed backup (promoting the previous one when the newest
     was ``refused``) and remove every leftover: staging areas, temporary records, a refused payload."""
     if manifest is not None and refused is not None:
@@ -55,7 +61,7 @@ def settle(slot: Slot, manifest: Manifest | None, refused: str | None, *, keep_p
     slot.remove_leftovers(manifest, _kept_previous(slot, manifest) if keep_previous else None)
 
 
-def _previous_instead(slot: Slot, refused: CorruptBackupError, framework: str) -> Manifest:
+def _previous_instead(slot: Slot | RemoteSlot, refused: CorruptBackupError, framework: str) -> Manifest:
     """The previous backup, verified; else raise ``refused`` (saying why the previous one fails too)."""
     try:
         previous = slot.read_previous()
@@ -71,7 +77,7 @@ def _previous_instead(slot: Slot, refused: CorruptBackupError, framework: str) -
     return previous
 
 
-def _kept_previous(slot: Slot, manifest: Manifest | None) -> Manifest | None:
+def _kept_previous(slot: Slot | RemoteSlot, manifest: Manifest | None) -> Manifest | None:
     """The previous backup's manifest when it is to be kept, else None (its files are removed)."""
     if manifest is None:
         return None
@@ -82,7 +88,7 @@ def _kept_previous(slot: Slot, manifest: Manifest | None) -> Manifest | None:
         return None
 
 
-def _check_framework(slot: Slot, manifest: Manifest, framework: str) -> None:
+def _check_framework(slot: Slot | RemoteSlot, manifest: Manifest, framework: str) -> None:
     if manifest.framework != framework:
         raise IncompatibleBackupError(
             f"The backup in {slot.directory} was written by {manifest.framework} "

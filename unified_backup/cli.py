@@ -20,7 +20,9 @@ from unified_backup import __version__
 from unified_backup.errors import BackupError, InvalidArgumentError, NoBackupError
 from unified_backup.lock import LOCK_NAME, DirectoryLock
 from unified_backup.manifest import Manifest
+from unified_backup.remote_slot import RemoteSlot
 from unified_backup.slot import CREATED_NAME, Slot
+from unified_backup.store import is_remote
 
 EXIT_OK = 0
 EXIT_BAD = 1  # the backup is damaged or refused, or another failure the message names
@@ -37,8 +39,10 @@ exit codes:
 """
 
 
-def _folder(directory: str) -> Slot:
+def _folder(directory: str) -> Slot | RemoteSlot:
     """The slot in ``directory``; a file there is a usage error, not a missing backup."""
+    if is_remote(directory):  # configured the store's usual way: environment, config files
+        return RemoteSlot(directory)
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(
@@ -48,9 +52,9 @@ def _folder(directory: str) -> Slot:
     return Slot(path)
 
 
-def _committed(directory: str) -> tuple[Slot, Manifest]:
+def _committed(directory: str) -> tuple[Slot | RemoteSlot, Manifest]:
     slot = _folder(directory)
-    if not slot.directory.is_dir():
+    if isinstance(slot, Slot) and not slot.directory.is_dir():
         raise NoBackupError(
             f"{directory} does not exist. Expected the backup_dir given to BackupAndRestore; a finished "
             "training deletes its backup, an interrupted one leaves it there."
@@ -95,7 +99,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _previous(slot: Slot) -> Manifest | None:
+def _previous(slot: Slot | RemoteSlot) -> Manifest | None:
     """The previous backup kept by ``keep_previous=True``; None if none (or unreadable: verify says)."""
     try:
         return slot.read_previous()
@@ -105,13 +109,16 @@ def _previous(slot: Slot) -> Manifest | None:
 
 def _verify(args: argparse.Namespace) -> int:
     slot, manifest = _committed(args.dir)
-    slot.verify(manifest)
-    try:  # kept by keep_previous=True: the fallback must be sound too
-        previous = slot.read_previous()
-        if previous is not None:
-            slot.verify(previous, record=slot.previous_path)
-    except BackupError as exc:
-        raise type(exc)(f"The newest backup is sound, but the previous one is not: {exc}") from exc
+    try:  # a remote backup is downloaded into a temporary folder, removed here
+        slot.verify(manifest)
+        try:  # kept by keep_previous=True: the fallback must be sound too
+            previous = slot.read_previous()
+            if previous is not None:
+                slot.verify(previous, record=slot.previous_path)
+        except BackupError as exc:
+            raise type(exc)(f"The newest backup is sound, but the previous one is not: {exc}") from exc
+    finally:
+        slot.cleanup()
     if args.json:
         _print_json(args.dir, EXIT_OK, backup=_summary(manifest), previous=previous and _summary(previous))
         return EXIT_OK
@@ -147,6 +154,8 @@ def _verified(manifest: Manifest) -> str:
 def _delete(args: argparse.Namespace) -> int:
     """Remove the library's files from ``args.dir`` under its lock; the user's files stay."""
     slot = _folder(args.dir)
+    if isinstance(slot, RemoteSlot):
+        return _delete_remote(slot, args.dir)
     if not slot.directory.is_dir():
         raise NoBackupError(f"{args.dir} does not exist: nothing to delete.")
     stale_lock = (slot.directory / LOCK_NAME).exists()  # left by a run that did not finish; removed below
@@ -174,6 +183,20 @@ def _delete(args: argparse.Namespace) -> int:
     print(f"Deleted from {args.dir}: {', '.join(removed)}.")
     if kept:
         print(f"Left in place (not the library's backup): {', '.join(kept)}.")
+    return EXIT_OK
+
+
+def _delete_remote(slot: RemoteSlot, url: str) -> int:
+    """Remove the library's objects under ``url``, holding its lease; the user's objects stay."""
+    lease = slot.lock()
+    lease.acquire()  # a live training keeps its backup: BackupDirInUseError
+    try:
+        removed = slot.delete()
+    finally:
+        lease.release()  # and the lease goes too
+    if not removed:
+        raise NoBackupError(f"{url} holds no backup objects: nothing deleted; your objects are untouched.")
+    print(f"Deleted from {url}: {', '.join(removed)}.")
     return EXIT_OK
 
 
@@ -207,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    folder = "the backup_dir given to BackupAndRestore"
+    folder = (
+        "the backup_dir given to BackupAndRestore: a folder, or an s3:// or gs:// URL (the store is "
+        "configured its usual way: environment variables, config files)"
+    )
 
     inspect = sub.add_parser(
         "inspect", help="summarise the committed backup in DIR", description=_wrap("Summarise the committed "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from unified_backup import demo_picture
+from unified_backup.store import is_remote
 
 EVENT_PREFIX = "UB-EVENT "
 WORKERS = {  # framework -> (worker module, modules it needs, the extra that installs them)
@@ -70,8 +71,9 @@ def resumed_after(restored_epoch: int | None) -> str:
 class Worker:
     """One training process, with its event lines read as they come."""
 
-    def __init__(self, argv: list[str]) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``argv``; ``env``: variables added to this process's environment (e.g. a store's)."""
+        env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.events: list[dict] = []
         self.stderr: list[str] = []
@@ -133,7 +135,9 @@ def emit(event: str, **fields: Any) -> None:
 def worker_parser(module: str, description: str) -> argparse.ArgumentParser:
     """The command line of a framework's demo worker: the flags :func:`worker_argv` writes, for both."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
-    parser.add_argument("--backup-dir", required=True, type=Path)
+    parser.add_argument(
+        "--backup-dir", required=True, type=lambda v: v if is_remote(v) else Path(v), help="a folder or a URL"
+    )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

@@ -54,11 +54,10 @@ from typing import Any, cast
 from unified_backup import choice, errors, fingerprint, preemption
 from unified_backup.coordinator import Coordinator, SingleProcess
 from unified_backup.errors import BackupError, BackupWriteError, IncompatibleBackupError, NoBackupError
-from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import Header, Manifest
 from unified_backup.options import REQUIRED, WARN, BackupOptions
 from unified_backup.preemption import PreemptionWatch, TrainingPreempted
-from unified_backup.slot import Slot
+from unified_backup.remote_slot import slot_for
 from unified_backup.state import REPLICATED, SHARDED, Position, Snapshot, TrainingState
 from unified_backup.writer import BackgroundWriter
 
@@ -102,12 +101,17 @@ class Lifecycle:
     ) -> None:
         self.options = options
         self._announce = announce  # shows the restore line (``verbose``) where the framework shows its own
-        self.slot = Slot(options.backup_dir, keep_previous=options.keep_previous)
+        self.slot = slot_for(
+            options.backup_dir,
+            options.keep_previous,
+            storage_options=options.storage_options,
+            staging_dir=options.staging_dir,
+        )
         self.restored: Manifest | None = None
         self.stats = BackupStats()
         self._preempted = preempted
         self._writer = BackgroundWriter()  # async_backup
-        self._lock = DirectoryLock(options.backup_dir, before_takeover=self._end_background_write)
+        self._lock = self.slot.lock(before_takeover=self._end_background_write)
         self._fit: _Fit | None = None
 
     @property
@@ -125,6 +129,13 @@ class Lifecycle:
             self.finish(success=False)
         if self.options.async_backup:
             _check_async(state)
+        if self.options.remote and _sharded(state):
+            raise errors.UnsupportedEnvironmentError(
+                f"backup_dir={self.options.backup_dir!r} is in an object store, but this training's state "
+                "is sharded: every process writes its own shards into one shared staging folder, which an "
+                "object store does not give. Expected a replicated strategy with a remote backup_dir; "
+                "or put backup_dir on a filesystem every process sees (e.g. NFS, a mounted bucket)."
+            )
         began = time.perf_counter()
         self.stats, self.restored = BackupStats(), None
         fit = self._fit = _Fit(state, coordinator or SingleProcess())
@@ -143,9 +154,11 @@ class Lifecycle:
         if manifest is not None:
             failure: BaseException | None = None
             try:
-                fit.state.load(self.slot.payload_dir(manifest), manifest, fit.coordinator)
+                fit.state.load(self.slot.fetch(manifest), manifest, fit.coordinator)
             except BaseException as exc:
                 failure = exc
+            finally:
+                self.slot.cleanup()  # a remote backup's verified download
             report = self._agree(fit, failure)  # all restore, or all stop alike
             if report is not None:
                 self._abandon()
@@ -249,6 +262,9 @@ class Lifecycle:
             if delete:
                 coordinator.barrier("unified_backup.finish")
                 if coordinator.is_primary:
+                    confirm = getattr(self._lock, "confirm", None)  # a lease: is backup_dir still ours?
+                    if confirm is not None:
+                        confirm()
                     self.slot.delete()
         except OSError as exc:  # the manifest goes first: nothing is left committed
             log.warning(
@@ -256,8 +272,11 @@ class Lifecycle:
                 self.options.backup_dir,
                 exc,
             )
+        except errors.BackupDirInUseError as exc:  # another job owns it now: its backup is not ours
+            log.error("Training finished; the backup in %s is kept: %s", self.options.backup_dir, exc)
         finally:
             self._lock.release(finished=success)  # the lock file stays as the mark of a run that stopped
+            self.slot.cleanup()
         if delete and coordinator.is_primary:
             self.slot.prune()
         log.info(
@@ -452,7 +471,7 @@ class Lifecycle:
         where = "" if isinstance(coordinator, SingleProcess) else f"process {report['rank']}: "
         raise self._write_failure(report["errno"], staged, where + report["message"]) from failure
 
-    def _write_failure(self, code: int | None, staged: Path, message: str) -> BackupWriteError:
+    def _write_failure(self, code: int | None, staged: Path | str, message: str) -> BackupWriteError:
         """The error of a state that could not be saved into ``staged``: the last backup is intact."""
         return BackupWriteError(
             code or errno.EIO,
@@ -538,6 +557,7 @@ class Lifecycle:
         if fit is not None and fit.watch is not None:
             fit.watch.uninstall()
         self._lock.release(finished=self._lock.unfinished is None, restore_mark=True)
+        self.slot.cleanup()
         if fit is not None and fit.coordinator.is_primary:
             self.slot.prune()  # a folder made for this fit only, e.g. refused by resume="required"
 
@@ -564,7 +584,7 @@ def restart_signs(unfinished: str | None, environ: Mapping[str, str] = os.enviro
     return signs
 
 
-def restore_line(manifest: Manifest, backup_dir: Path) -> str:
+def restore_line(manifest: Manifest, backup_dir: Path | str) -> str:
     """The one line shown on every restore, in every adapter."""
     return (
         f"Resumed from {backup_dir}: {manifest.epoch} epoch(s) done, step {manifest.step_in_epoch} of the "

@@ -19,6 +19,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from unified_backup.errors import BackupDirInUseError, BackupWriteError, UnsupportedEnvironmentError
 
@@ -30,8 +31,8 @@ except ImportError:  # pragma: no cover - Windows
 LOCK_NAME = ".unified-backup.lock"
 log = logging.getLogger(__name__)
 
-# Locks held by this process: folder -> (lock, ident of the thread whose fit took it).
-_HELD: dict[str, tuple[DirectoryLock, int]] = {}
+# Locks held by this process: folder or URL -> (lock or lease, ident of the thread whose fit took it).
+_HELD: dict[str, tuple[Any, int]] = {}
 
 
 class DirectoryLock:
@@ -119,26 +120,13 @@ class DirectoryLock:
         return os.path.realpath(self.path)
 
     def _take_over_from_this_process(self) -> str | None:
-        """Free a lock that an earlier ``fit`` of this thread (or of a finished thread) left held.
+        return take_over_from_this_process(self._key, str(self.path.parent))
 
-        A ``fit`` that raised never reaches its end hook in Keras, so its lock stays taken; the
-        next ``fit`` on the same thread cannot be concurrent with it, so it takes the lock over.
-        """
-        held = _HELD.get(self._key)
-        if held is None:
-            return None
-        holder, thread_id = held
-        alive = {t.ident for t in threading.enumerate()}
-        if thread_id == threading.get_ident() or thread_id not in alive:
-            log.info(
-                "Taking over the lock on %s left by an earlier fit in this process that did not finish.",
-                self.path.parent,
-            )
-            if holder.before_takeover is not None:  # e.g. its background write, still committing
-                holder.before_takeover()
-            holder.release(finished=False)  # its mark stays until this fit is accepted
-            return "an earlier fit in this process"
-        return None
+    def forget(self) -> None:
+        """(forked child) Close the inherited lock file without touching it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def release(self, finished: bool = True, restore_mark: bool = False) -> None:
         """Drop the lock. With ``finished`` remove the file first (so no one locks a dead file);
@@ -159,6 +147,29 @@ class DirectoryLock:
             self._fd = None
 
 
+def take_over_from_this_process(key: str, where: str) -> str | None:
+    """Free the lock on ``key`` that an earlier ``fit`` of this thread (or of a finished thread) left held.
+
+    A ``fit`` that raised never reaches its end hook in Keras, so its lock stays taken; the
+    next ``fit`` on the same thread cannot be concurrent with it, so it takes the lock over.
+    Returns who held it, in words, or None.
+    """
+    held = _HELD.get(key)
+    if held is None:
+        return None
+    holder, thread_id = held
+    alive = {t.ident for t in threading.enumerate()}
+    if thread_id == threading.get_ident() or thread_id not in alive:
+        log.info(
+            "Taking over the lock on %s left by an earlier fit in this process that did not finish.", where
+        )
+        if holder.before_takeover is not None:  # e.g. its background write, still committing
+            holder.before_takeover()
+        holder.release(finished=False)  # its mark stays until this fit is accepted
+        return "an earlier fit in this process"
+    return None
+
+
 def _drop_in_child() -> None:
     """In a forked child (e.g. a DataLoader worker), close the inherited lock files.
 
@@ -166,9 +177,7 @@ def _drop_in_child() -> None:
     training would otherwise keep its lock, and the restart would find the folder in use.
     """
     for lock, _ in _HELD.values():
-        if lock._fd is not None:
-            os.close(lock._fd)
-            lock._fd = None
+        lock.forget()
     _HELD.clear()
 
 

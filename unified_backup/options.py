@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from unified_backup.errors import InvalidArgumentError
 from unified_backup.preemption import parse_signals
+from unified_backup.store import REMOTE_PROTOCOLS, is_remote, redact
 
 EPOCH = "epoch"
 RAISE = "raise"
@@ -23,7 +25,9 @@ class BackupOptions:
     """What ``BackupAndRestore(backup_dir, save_freq, delete_checkpoint, save_before_preemption)`` means.
 
     Attributes:
-        backup_dir: local folder that holds the single backup slot.
+        backup_dir: the folder that holds the single backup slot: a local path (a ``Path``), or the
+            URL of a prefix in an object store, ``s3://bucket/prefix`` or ``gs://bucket/prefix`` (a
+            ``str``, without a trailing slash).
         save_freq: ``"epoch"`` to back up at each epoch end, N to back up every N optimizer steps, or
             ``False`` for no periodic backup (only the one ``save_before_preemption`` makes).
         delete_checkpoint: delete the backup when ``fit`` returns normally.
@@ -45,9 +49,13 @@ class BackupOptions:
             at a time: a backup point waits for the write before it. A write that failed is reported
             at the next backup point or when ``fit`` ends, by ``on_write_error``. A preemption
             backup is written at once. One process only; costs one copy of the state in memory.
+        storage_options: with a remote ``backup_dir``, passed to its fsspec filesystem (``s3fs``,
+            ``gcsfs``) as they are: credentials, endpoint, profile. Never written or shown.
+        staging_dir: with a remote ``backup_dir``, the local folder where a backup is written before
+            it is uploaded, and downloaded before it is loaded (default: the system's temporary folder).
     """
 
-    backup_dir: Path
+    backup_dir: Path | str
     save_freq: str | int | bool = EPOCH
     delete_checkpoint: bool = True
     save_before_preemption: bool | tuple[str | int, ...] = False
@@ -56,6 +64,8 @@ class BackupOptions:
     resume: str = AUTO
     verbose: bool = True
     async_backup: bool = False
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    staging_dir: Path | None = None
     preemption_signals: tuple[signal.Signals, ...] = ()
 
     def __init__(
@@ -70,19 +80,41 @@ class BackupOptions:
         resume: str = AUTO,
         verbose: bool | int = True,
         async_backup: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        staging_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(backup_dir, (str, os.PathLike)) or not str(backup_dir):
             raise InvalidArgumentError(
                 f"Invalid value for argument `backup_dir`. Received: backup_dir={backup_dir!r}. "
                 "Expected a non-empty path to a folder, e.g. 'backup/'."
             )
-        if "://" in str(backup_dir):
+        remote = is_remote(backup_dir)
+        if str(backup_dir).startswith("file://"):
+            backup_dir = str(backup_dir)[len("file://") :]
+        if remote:
+            _check_url(str(backup_dir))
+        else:
+            _check_is_a_folder(Path(backup_dir))
+        if storage_options is not None and not isinstance(storage_options, Mapping):
             raise InvalidArgumentError(
-                f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}. "
-                "This version writes to local (or locally mounted) folders only; remote URIs are not "
-                "supported yet. Mount the bucket (e.g. gcsfuse, s3fs) and pass the mounted path."
+                f"Invalid value for argument `storage_options`. Received: storage_options of type "
+                f"{type(storage_options).__name__}. Expected a dict of the store's fsspec options, e.g. "
+                "{'profile': 'training'} for s3:// or {'project': 'my-project'} for gs://."
             )
-        _check_is_a_folder(Path(backup_dir))
+        if storage_options and not remote:
+            raise InvalidArgumentError(
+                f"Invalid value for argument `storage_options`: it configures a remote store, but "
+                f"backup_dir={str(backup_dir)!r} is a local folder. Expected an s3:// or gs:// backup_dir, "
+                "or no storage_options."
+            )
+        if staging_dir is not None and (
+            not isinstance(staging_dir, (str, os.PathLike)) or not str(staging_dir) or is_remote(staging_dir)
+        ):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `staging_dir`. Received: staging_dir={staging_dir!r}. Expected "
+                "a local folder where a remote backup is written before it is uploaded (default: the "
+                "system's temporary folder)."
+            )
         if (
             save_freq is not False
             and save_freq != EPOCH
@@ -124,7 +156,9 @@ class BackupOptions:
                 f"Invalid value for argument `async_backup`. Received: async_backup={async_backup!r}. "
                 "Expected True (write backups in a background thread) or False."
             )
-        object.__setattr__(self, "backup_dir", Path(backup_dir))
+        object.__setattr__(self, "backup_dir", str(backup_dir).rstrip("/") if remote else Path(backup_dir))
+        object.__setattr__(self, "storage_options", dict(storage_options or {}))
+        object.__setattr__(self, "staging_dir", Path(staging_dir) if staging_dir is not None else None)
         object.__setattr__(self, "save_freq", save_freq)
         object.__setattr__(self, "delete_checkpoint", delete_checkpoint)
         given: bool | tuple = save_before_preemption  # type: ignore[assignment]
@@ -140,6 +174,11 @@ class BackupOptions:
         object.__setattr__(self, "resume", resume)
         object.__setattr__(self, "verbose", bool(verbose))
         object.__setattr__(self, "async_backup", async_backup)
+
+    @property
+    def remote(self) -> bool:
+        """Whether ``backup_dir`` is in an object store (a URL) rather than a local folder."""
+        return isinstance(self.backup_dir, str)
 
     @property
     def per_epoch(self) -> bool:
@@ -176,4 +215,27 @@ def _check_is_a_folder(backup_dir: Path) -> None:
             f"Invalid value for argument `backup_dir`. Received: backup_dir={str(backup_dir)!r}, which "
             f"{where}, not a folder. Expected a folder (existing or not) for the backup; choose another "
             "path. The file is left as it is."
+        )
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL with no bucket, or one that names an object store's parent of everything."""
+    protocol, _, rest = url.partition("://")
+    if protocol.lower() not in REMOTE_PROTOCOLS:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `backup_dir`. Received: backup_dir={redact(url)!r}, a "
+            f"{protocol}:// URL. Expected a local folder, or an s3:// or gs:// URL: those are the stores "
+            "whose conditional writes keep two trainings apart. Mount another store and pass the "
+            "mounted path."
+        )
+    if redact(url) != url:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `backup_dir`. Received: backup_dir={redact(url)!r} with "
+            "credentials in it (user:password@). Expected a URL without them; pass credentials through "
+            "the store's usual configuration or storage_options, which are never shown."
+        )
+    if not protocol or not rest.strip("/") or rest.startswith("/"):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `backup_dir`. Received: backup_dir={redact(url)!r}. Expected a "
+            "URL with a bucket and, usually, a prefix: 's3://bucket/prefix' or 'gs://bucket/prefix'."
         )

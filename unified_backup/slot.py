@@ -34,10 +34,11 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from unified_backup.errors import BackupError, BackupWriteError, CorruptBackupError, UnsupportedFormatError
+from unified_backup.lock import DirectoryLock
 from unified_backup.manifest import (
     CHECKSUM_ALGORITHM,
     FORMAT,
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 class Slot:
     """One folder that holds one committed backup, and with ``keep_previous`` the one before it."""
 
+    remote = False
+
     def __init__(self, directory: str | os.PathLike[str], keep_previous: bool = False) -> None:
         self.directory = Path(directory)
         self.keep_previous = keep_previous
@@ -81,7 +84,18 @@ class Slot:
     def payload_dir(self, manifest: Manifest) -> Path:
         return self.directory / manifest.payload
 
-    def verify(self, manifest: Manifest, record: Path | None = None) -> None:
+    def fetch(self, manifest: Manifest) -> Path:
+        """The folder ``load`` reads: the payload itself (verified when the backup was opened)."""
+        return self.payload_dir(manifest)
+
+    def lock(self, before_takeover: Callable[[], None] | None = None) -> DirectoryLock:
+        """The lock that keeps other trainings off this folder."""
+        return DirectoryLock(self.directory, before_takeover)
+
+    def cleanup(self) -> None:
+        """Nothing to clean: a local slot stages inside ``backup_dir`` itself."""
+
+    def verify(self, manifest: Manifest, record: Path | str | None = None) -> None:
         """Check every payload file against the manifest (read from ``record``, default ``manifest.json``).
 
         Raises :class:`CorruptBackupError` naming the first file that differs, is missing or is extra,
@@ -100,7 +114,7 @@ class Slot:
                 f"in {self.directory}. The backup is incomplete; delete it (`unified-backup delete "
                 "BACKUP_DIR`) to start fresh."
             )
-        found = _relative_files(payload)
+        found = relative_files(payload)
         for name in sorted(found - manifest.files.keys()):
             raise CorruptBackupError(
                 f"{payload / name} is not listed in the manifest: expected only the files the backup "
@@ -144,7 +158,7 @@ class Slot:
         only made durable, not read again.
         """
         known = dict(checksums or {})
-        unknown = sorted(set(known) - _relative_files(staged))
+        unknown = sorted(set(known) - relative_files(staged))
         if unknown:
             raise BackupError(
                 f"The training state reported checksums of {', '.join(unknown)}, which it did not write into "
@@ -152,7 +166,7 @@ class Slot:
             )
         try:
             files = {}
-            for name in sorted(_relative_files(staged)):
+            for name in sorted(relative_files(staged)):
                 path = staged / name
                 if name in known:
                     fsync_path(path)
@@ -347,10 +361,15 @@ def is_our_record(path: Path) -> bool:
     is beside it. Valid JSON of any other shape is a user's file that happens to share the name.
     """
     data = path.read_bytes()
+    return is_our_text(data, has_payload=lambda: any(is_payload(entry) for entry in path.parent.iterdir()))
+
+
+def is_our_text(data: bytes, has_payload: bool | Callable[[], bool]) -> bool:
+    """:func:`is_our_record` for a record's bytes; ``has_payload``: whether our payload is beside it."""
     try:
         body = json.loads(data)
     except (ValueError, RecursionError):
-        return _FORMAT_FIELD in data or any(is_payload(entry) for entry in path.parent.iterdir())
+        return _FORMAT_FIELD in data or (has_payload() if callable(has_payload) else has_payload)
     return isinstance(body, dict) and body.get("format") == FORMAT
 
 
@@ -379,5 +398,5 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _relative_files(root: Path) -> set[str]:
+def relative_files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}

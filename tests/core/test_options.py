@@ -25,9 +25,39 @@ def test_bad_backup_dir(backup_dir):
         BackupOptions(backup_dir)
 
 
-def test_remote_uri_is_refused_with_what_to_do():
-    with pytest.raises(InvalidArgumentError, match="Mount the bucket"):
-        BackupOptions("gs://bucket/backup")
+def test_urls_are_remote_and_keep_their_form(tmp_path):
+    assert BackupOptions("gs://bucket/backup/").backup_dir == "gs://bucket/backup"
+    assert BackupOptions("s3://bucket/a/b").remote
+    assert BackupOptions(f"file://{tmp_path}").backup_dir == tmp_path  # a local folder
+    assert not BackupOptions(tmp_path).remote
+
+
+@pytest.mark.parametrize("url", ["s3://", "gs:///prefix", "s3:////"])
+def test_url_without_a_bucket_is_refused(url):
+    with pytest.raises(InvalidArgumentError, match="URL with a bucket"):
+        BackupOptions(url)
+
+
+def test_other_stores_and_credentials_in_the_url_are_refused():
+    with pytest.raises(InvalidArgumentError, match="a memory:// URL"):
+        BackupOptions("memory://bucket/x")
+    with pytest.raises(InvalidArgumentError, match="credentials in it") as refused:
+        BackupOptions("s3://AKIA:very-secret@bucket/x")
+    assert "very-secret" not in str(refused.value)
+
+
+def test_storage_options_need_a_remote_backup_dir(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="is a local folder"):
+        BackupOptions(tmp_path, storage_options={"anon": True})
+    with pytest.raises(InvalidArgumentError, match="Expected a dict"):
+        BackupOptions("s3://b/p", storage_options="anon")
+    with pytest.raises(InvalidArgumentError, match="staging_dir"):
+        BackupOptions("s3://b/p", staging_dir="s3://b/staging")
+
+
+def test_storage_options_are_not_shown():
+    options = BackupOptions("s3://b/p", storage_options={"secret": "do-not-show"})
+    assert "do-not-show" not in repr(options)
 
 
 def test_preemption_signals(tmp_path):
