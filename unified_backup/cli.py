@@ -20,6 +20,7 @@ from unified_backup import __version__
 from unified_backup.errors import BackupError, InvalidArgumentError, NoBackupError
 from unified_backup.lock import LOCK_NAME, DirectoryLock
 from unified_backup.manifest import Manifest
+from unified_backup.options import check_url
 from unified_backup.remote_slot import RemoteSlot
 from unified_backup.slot import CREATED_NAME, Slot
 from unified_backup.store import is_remote
@@ -42,6 +43,7 @@ exit codes:
 def _folder(directory: str) -> Slot | RemoteSlot:
     """The slot in ``directory``; a file there is a usage error, not a missing backup."""
     if is_remote(directory):  # configured the store's usual way: environment, config files
+        check_url(directory)
         return RemoteSlot(directory)
     path = Path(directory)
     if path.exists() and not path.is_dir():

@@ -20,6 +20,7 @@ no renewal. A renewal seen while watching proves a live owner: :class:`BackupDir
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -82,6 +83,9 @@ class Lease:
             return
         self.unfinished = lock.take_over_from_this_process(self._key, self.store.show())
         self._lost, self._found, self.stale_takeover = None, None, False
+        self._token = secrets.token_hex(
+            8
+        )  # this acquire's: a lease an earlier fit left is judged as any other
         while True:
             try:
                 version = self.store.create(LEASE_NAME, self._record())
@@ -156,13 +160,26 @@ class Lease:
         return self._expired(found, owner, f"it was not renewed for {LEASE_SECONDS:.0f} s")
 
     def _check_exclusive(self) -> None:
-        """Refuse a store that ignores the create-only condition (some S3-compatible servers do): a
-        second create of the lease must fail, or two jobs could both own ``backup_dir``."""
+        """Refuse a store that ignores the conditions (some S3-compatible servers do): a second
+        create of the lease, and a write on a version it never had, must both fail, or two jobs could
+        both own ``backup_dir``. Any failure here leaves no lease of ours behind."""
         try:
-            self.store.create(LEASE_NAME, self._record())
-        except PreconditionFailed:
+            for write in (
+                lambda: self.store.create(LEASE_NAME, self._record()),
+                lambda: self.store.replace(LEASE_NAME, self._record(), '"1"'),
+            ):
+                try:
+                    write()
+                except PreconditionFailed:
+                    continue
+                raise UnsupportedEnvironmentError("")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.store.remove([LEASE_NAME])
+            if not isinstance(exc, UnsupportedEnvironmentError) or str(exc):
+                raise
+        else:
             return
-        self.store.remove([LEASE_NAME])
         raise UnsupportedEnvironmentError(
             f"{self.store.show()} ignores conditional writes (a create-only write replaced an existing "
             "object), so two trainings on it could not be kept apart. Expected S3 or GCS, or a "

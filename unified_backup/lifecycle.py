@@ -274,6 +274,7 @@ class Lifecycle:
             )
         except errors.BackupDirInUseError as exc:  # another job owns it now: its backup is not ours
             log.error("Training finished; the backup in %s is kept: %s", self.options.backup_dir, exc)
+            delete = False
         finally:
             self._lock.release(finished=success)  # the lock file stays as the mark of a run that stopped
             self.slot.cleanup()
@@ -448,6 +449,8 @@ class Lifecycle:
         staged = Path(self._on_primary("Creating a staging folder", self._stage))
         shared = coordinator.is_primary or _sharded(fit.state)  # shards: every process writes its own files
         target = staged if shared else staged.with_name(f"{staged.name}.worker-{coordinator.rank}")
+        if self.options.remote and not shared:  # the primary's staging folder is on its own host
+            target = self.slot.stage()  # a scratch folder of this process's own, removed as usual
         failure = _attempt(lambda: _make_folder(target, made=coordinator.is_primary or not shared))
         report = self._agree(fit, failure)  # every process has its folder, or none saves
         checksums: list[Mapping[str, str] | None] = [None]

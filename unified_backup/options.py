@@ -92,7 +92,7 @@ class BackupOptions:
         if str(backup_dir).startswith("file://"):
             backup_dir = str(backup_dir)[len("file://") :]
         if remote:
-            _check_url(str(backup_dir))
+            check_url(str(backup_dir))
         else:
             _check_is_a_folder(Path(backup_dir))
         if storage_options is not None and not isinstance(storage_options, Mapping):
@@ -218,10 +218,10 @@ def _check_is_a_folder(backup_dir: Path) -> None:
         )
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
     """Refuse a URL with no bucket, or one that names an object store's parent of everything."""
     protocol, _, rest = url.partition("://")
-    if protocol.lower() not in REMOTE_PROTOCOLS:
+    if protocol not in REMOTE_PROTOCOLS:
         raise InvalidArgumentError(
             f"Invalid value for argument `backup_dir`. Received: backup_dir={redact(url)!r}, a "
             f"{protocol}:// URL. Expected a local folder, or an s3:// or gs:// URL: those are the stores "

@@ -64,7 +64,7 @@ from unified_backup.slot import (
 from unified_backup.store import ObjectStore, is_remote
 
 TRANSFERS = 8  # files uploaded or downloaded at once
-_STAGING = re.compile(r"unified-backup-staging-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+_STAGING = re.compile(r"unified-backup-staging-(?P<host>.+)-(?P<pidns>\d+)-(?P<pid>\d+)-[0-9a-f]{8}")
 log = logging.getLogger(__name__)
 
 
@@ -371,7 +371,8 @@ class RemoteSlot:
     # -- helpers ---------------------------------------------------------------------------
     def _staging(self) -> Path:
         if self._root is None or not self._root.is_dir():
-            name = f"unified-backup-staging-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+            host, pid = socket.gethostname(), os.getpid()
+            name = f"unified-backup-staging-{host}-{_pidns()}-{pid}-{secrets.token_hex(4)}"
             try:
                 self.staging_dir.mkdir(parents=True, exist_ok=True)
                 (self.staging_dir / name).mkdir(mode=0o700)  # the weights: this user's only
@@ -390,7 +391,9 @@ class RemoteSlot:
         with contextlib.suppress(OSError):
             for entry in self.staging_dir.iterdir():
                 match = _STAGING.fullmatch(entry.name)
-                if match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])):
+                if match is None or match["host"] != socket.gethostname() or match["pidns"] != _pidns():
+                    continue
+                if _pidns() != "0" and not _alive(int(match["pid"])):
                     shutil.rmtree(entry, ignore_errors=True)
 
     def _prefixes(self) -> set[str]:
@@ -438,6 +441,14 @@ class RemoteSlot:
                 future.result()
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure, the files not begun are not tried
+
+
+def _pidns() -> str:
+    """This process's PID namespace (its inode), so that a pid is only judged where it means the same."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
 
 
 def _alive(pid: int) -> bool:

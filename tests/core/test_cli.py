@@ -167,3 +167,10 @@ def test_the_demo_offers_every_worker_and_runs_all_by_default():
     assert set(cli.FRAMEWORKS) == set(demo.WORKERS)
     args = cli.build_parser().parse_args(["demo"])
     assert args.frameworks == ["keras", "tf_keras", "lightning"]
+
+
+def test_a_url_of_another_store_or_with_credentials_is_a_usage_error(capsys):
+    assert main(["inspect", "memory://bucket/run"]) == EXIT_USAGE
+    assert main(["verify", "s3://key:hidden-secret@bucket/run"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "memory:// URL" in err and "credentials in it" in err and "hidden-secret" not in err

@@ -41,6 +41,8 @@ def test_url_without_a_bucket_is_refused(url):
 def test_other_stores_and_credentials_in_the_url_are_refused():
     with pytest.raises(InvalidArgumentError, match="a memory:// URL"):
         BackupOptions("memory://bucket/x")
+    with pytest.raises(InvalidArgumentError, match="a S3:// URL"):
+        BackupOptions("S3://bucket/x")
     with pytest.raises(InvalidArgumentError, match="credentials in it") as refused:
         BackupOptions("s3://AKIA:very-secret@bucket/x")
     assert "very-secret" not in str(refused.value)

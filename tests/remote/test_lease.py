@@ -121,3 +121,15 @@ def test_a_job_whose_lease_was_taken_over_does_not_delete_at_the_end(remote, cap
         lifecycle.finish(success=True)
     assert "the backup in" in caplog.text and "is kept" in caplog.text
     assert "manifest.json" in remote.objects()  # the other job's slot is left alone
+
+
+def test_the_same_callback_after_a_stopped_fit_takes_its_lease_back_as_a_restart(remote, caplog):
+    lifecycle = Lifecycle(BackupOptions(remote.url, **remote.options))
+    lifecycle.start(FakeState())
+    lifecycle.finish(success=False)  # e.g. a Keras fit that raised, then fit again with the same callback
+    with caplog.at_level(logging.WARNING):
+        lifecycle.start(FakeState())
+    assert "a run that did not finish left its lock file: pid" in caplog.text
+    assert "stopped" not in json.loads(remote.store.read(LEASE_NAME))  # held again, not a stopped mark
+    lifecycle.finish(success=True)
+    assert remote.store.read(LEASE_NAME) is None
