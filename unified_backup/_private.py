@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 
 class Conditional(Protocol):
+    never: str  # a version no object has
+
     def read(self, path: str) -> Any: ...  # Versioned | None
     def create(self, path: str, data: bytes) -> str: ...
     def replace(self, path: str, data: bytes, version: str) -> str: ...
@@ -46,6 +48,8 @@ def _precondition(exc: BaseException) -> bool:
 
 
 class _S3:
+    never = '"00000000000000000000000000000000"'  # an ETag no object has: a write on it must fail
+
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         _check_botocore()
@@ -134,6 +138,8 @@ def _body(fs: Any, body: Any) -> bytes:
 
 
 class _GCS:
+    never = "1"  # a generation no live object has (generations are microsecond timestamps)
+
     def __init__(self, fs: Any) -> None:
         self.fs = fs
 
@@ -194,6 +200,8 @@ class _GCS:
 
 class _Refused:
     """A store without the conditional writes a lease needs: a lock on it is refused (see ``lease.py``)."""
+
+    never = ""
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol

@@ -166,7 +166,7 @@ class Lease:
         try:
             for write in (
                 lambda: self.store.create(LEASE_NAME, self._record()),
-                lambda: self.store.replace(LEASE_NAME, self._record(), '"1"'),
+                lambda: self.store.replace(LEASE_NAME, self._record(), self.store.conditional.never),
             ):
                 try:
                     write()
