@@ -136,12 +136,12 @@ def test_bad_input_is_refused_and_the_backup_left_as_it_was(driver, remote, case
 @dataclasses.dataclass
 class Killed:
     committed_step: int | None  # the newest committed backup's global step when the kill landed
-    unnamed: bool  # an upload was cut short: objects under a prefix no manifest names
 
 
 def _kill_inside_an_upload(worker: Worker, remote, after_a_commit: bool) -> Killed:
-    """SIGKILL ``worker`` while objects of a new payload are being uploaded (none named by the manifest);
-    ``after_a_commit``: an upload that would replace a committed backup."""
+    """SIGKILL ``worker`` as soon as objects of a new payload (one no manifest names) are seen: its
+    upload has begun and its commit has not. (A PUT in flight is not visible: the kill lands at the
+    end of the upload or during the commit, and the commit may land first.)"""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and worker.proc.poll() is None:
         names = remote.store.sizes()
@@ -149,13 +149,11 @@ def _kill_inside_an_upload(worker: Worker, remote, after_a_commit: bool) -> Kill
         if after_a_commit and committed is None:
             time.sleep(0.005)
             continue
-        unnamed = {n.split("/")[0] for n in names if n.startswith("payload-")} - {
-            committed and committed.payload
-        }
-        if unnamed:
+        if {n.split("/")[0] for n in names if n.startswith("payload-")} - {committed and committed.payload}:
             worker.kill()
-            return Killed(committed.global_step if committed else None, True)
-        time.sleep(0.005)
+            committed = slot(remote).read_manifest()  # what the kill left committed
+            return Killed(committed.global_step if committed else None)
+        time.sleep(0.002)
     raise AssertionError(f"no upload was seen before the worker ended:\n{worker.failure()}")
 
 
@@ -172,7 +170,7 @@ def test_sigkill_during_the_upload_resumes_from_the_last_committed_backup(driver
     assert reference.finish(600) == 0, reference.failure()
     assert remote.store.sizes() == {}
 
-    killed = []
+    killed: list[Killed] = []
     for after_a_commit in (False, True):  # the first upload, then one that replaces a committed backup
         worker = Worker(argv(tmp_path / "run.json"), env=env)
         start = worker.wait_event("start", 300)
