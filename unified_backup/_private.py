@@ -47,16 +47,23 @@ def _precondition(exc: BaseException) -> bool:
     return False
 
 
-class _S3:
-    never = '"00000000000000000000000000000000"'  # an ETag no object has: a write on it must fail
+class _Store:
+    """A filesystem's conditional writes, by (bucket, key)."""
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
-        _check_botocore()
 
     def _key(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
         return bucket, key
+
+
+class _S3(_Store):
+    never = '"00000000000000000000000000000000"'  # an ETag no object has: a write on it must fail
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__(fs)
+        _check_botocore()
 
     def read(self, path: str) -> Any:
         from unified_backup.store import Versioned
@@ -137,15 +144,8 @@ def _body(fs: Any, body: Any) -> bytes:
     return sync(fs.loop, read)
 
 
-class _GCS:
+class _GCS(_Store):
     never = "1"  # a generation no live object has (generations are microsecond timestamps)
-
-    def __init__(self, fs: Any) -> None:
-        self.fs = fs
-
-    def _key(self, path: str) -> tuple[str, str]:
-        bucket, key, _ = self.fs.split_path(path)
-        return bucket, key
 
     def read(self, path: str) -> Any:
         from unified_backup.store import Versioned

@@ -118,20 +118,15 @@ class Lease:
         """The lease ``found`` (or what it became) once it may be taken over; raise if its owner lives."""
         record = _parse(found.data)
         owner = _owner(record)
-        if record.get("stopped"):
-            log.info(
-                "Taking over the lease on %s left by a run that did not finish (%s).",
-                self.store.show(),
-                owner,
-            )
-            self.unfinished = self.unfinished or owner
-            return found
-        if _gone_from_this_host(record):
-            log.info(
-                "Taking over the lease on %s: its owner (%s) ran on this host and its process is gone.",
-                self.store.show(),
-                owner,
-            )
+        left = (
+            "its run did not finish"
+            if record.get("stopped")
+            else "its owner ran on this host and its process is gone"
+            if _gone_from_this_host(record)
+            else None
+        )
+        if left is not None:  # a restart: no alarm
+            log.info("Taking over the lease on %s (%s): %s.", self.store.show(), owner, left)
             self.unfinished = self.unfinished or owner
             return found
         expires = record.get("expires")
@@ -282,7 +277,7 @@ class Lease:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "boot": _boot_id(),
-            "pidns": _pid_namespace(),
+            "pidns": pid_namespace(),
             "token": self._token,
             "since": _utc(now),
             "expires": 0 if stopped else now + LEASE_SECONDS,
@@ -317,17 +312,33 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_namespace() -> str:
+def pid_namespace() -> str:
+    """This process's PID namespace (its inode; "" where unknown): a pid means the same only within it."""
     try:
-        return os.readlink("/proc/self/ns/pid")
+        return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         return ""
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs in this PID namespace (a killed one its parent has not reaped
+    counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _gone_from_this_host(record: dict[str, Any]) -> bool:
     """Whether the lease's owner ran on this host, in this boot and PID namespace (so that its pid means
     the same here), and its process no longer runs."""
-    if not record.get("pidns") or record.get("pidns") != _pid_namespace():
+    if not record.get("pidns") or record.get("pidns") != pid_namespace():
         return False
     pid = record.get("pid")
     if (
@@ -336,15 +347,4 @@ def _gone_from_this_host(record: dict[str, Any]) -> bool:
         or record.get("boot") != _boot_id()
     ):
         return False
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:  # a killed process its parent has not reaped yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return isinstance(pid, int) and pid != os.getpid() and process_gone(pid)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from unified_backup.errors import BackupError, BackupWriteError, CorruptBackupError, UnsupportedFormatError
-from unified_backup.lease import Lease
+from unified_backup.lease import Lease, pid_namespace, process_gone
 from unified_backup.manifest import (
     CHECKSUM_ALGORITHM,
     MANIFEST_NAME,
@@ -372,7 +372,7 @@ class RemoteSlot:
     def _staging(self) -> Path:
         if self._root is None or not self._root.is_dir():
             host, pid = socket.gethostname(), os.getpid()
-            name = f"unified-backup-staging-{host}-{_pidns()}-{pid}-{secrets.token_hex(4)}"
+            name = f"unified-backup-staging-{host}-{pid_namespace() or 0}-{pid}-{secrets.token_hex(4)}"
             try:
                 self.staging_dir.mkdir(parents=True, exist_ok=True)
                 (self.staging_dir / name).mkdir(mode=0o700)  # the weights: this user's only
@@ -391,9 +391,12 @@ class RemoteSlot:
         with contextlib.suppress(OSError):
             for entry in self.staging_dir.iterdir():
                 match = _STAGING.fullmatch(entry.name)
-                if match is None or match["host"] != socket.gethostname() or match["pidns"] != _pidns():
+                if match is None or (match["host"], match["pidns"]) != (
+                    socket.gethostname(),
+                    pid_namespace(),
+                ):
                     continue
-                if _pidns() != "0" and not _alive(int(match["pid"])):
+                if process_gone(int(match["pid"])):
                     shutil.rmtree(entry, ignore_errors=True)
 
     def _prefixes(self) -> set[str]:
@@ -441,24 +444,6 @@ class RemoteSlot:
                 future.result()
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure, the files not begun are not tried
-
-
-def _pidns() -> str:
-    """This process's PID namespace (its inode), so that a pid is only judged where it means the same."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "0"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def slot_for(
